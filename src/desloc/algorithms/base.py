@@ -1,0 +1,153 @@
+"""Orchestration shared by every algorithm: wrap a ``torch.optim`` optimizer, keep the global
+step, clip, delegate the local step, and save/restore everything in ``state_dict``.
+
+A subclass implements two hooks around the inner step: ``_before_local_step`` (e.g. DDP's
+gradient all-reduce) and ``_after_local_step`` (e.g. DES-LOC's periodic averaging). The wrapper
+is itself a ``torch.optim.Optimizer`` sharing the inner optimizer's ``param_groups`` dicts, so LR
+schedulers built on the wrapper drive the inner optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from desloc.comm.base import Communicator
+from desloc.errors import CheckpointMismatchError, ConfigError
+from desloc.optim import is_elementwise
+
+
+class LocalOptimizer(torch.optim.Optimizer):
+    """Base wrapper. ``algorithm`` names the method in checkpoints and errors."""
+
+    algorithm = "base"
+
+    def __init__(
+        self,
+        inner: torch.optim.Optimizer,
+        comm: Communicator,
+        clip_rho: float | None = None,
+        assume_elementwise: bool = False,
+    ):
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
+        if not isinstance(comm, Communicator):
+            raise TypeError(f"comm must be a desloc.comm.Communicator, got {type(comm).__name__}")
+        if clip_rho is not None and not (float(clip_rho) > 0):
+            raise ConfigError(
+                f"clip_rho must be > 0 (coordinate-wise clip bound) or None for no clipping, got {clip_rho!r}"
+            )
+        if comm.stacked and not (assume_elementwise or is_elementwise(inner)):
+            raise ConfigError(
+                f"the simulator runs one {type(inner).__name__} over parameters stacked across "
+                "workers, which is only exact for elementwise optimizers (SGD, Adam, AdamW, ADOPT, "
+                "MT-DAO, ...); use the torch.distributed backend, or pass assume_elementwise=True "
+                "if the optimizer treats every coordinate independently"
+            )
+        self.inner = inner
+        self.comm = comm
+        self.clip_rho = None if clip_rho is None else float(clip_rho)
+        self.global_step = 0
+        super().__init__(inner.param_groups, inner.defaults)  # shares the group dicts
+        self.state = inner.state
+
+    # ----------------------------------------------------------------- contract
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for group in self.inner.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._before_local_step()
+        self.inner.step()
+        self.global_step += 1
+        self._after_local_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "desloc": {
+                "algorithm": self.algorithm,
+                "world_size": self.comm.world_size,
+                "global_step": self.global_step,
+                "ledger": self.comm.ledger.state_dict(),
+                "config": self.config_dict(),
+                "extra": self._extra_state(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        meta = state_dict.get("desloc")
+        if meta is None:
+            raise CheckpointMismatchError(
+                "state_dict has no 'desloc' entry: it was not written by a desloc optimizer; "
+                "load a plain optimizer checkpoint into the inner optimizer instead"
+            )
+        if meta["world_size"] != self.comm.world_size:
+            raise CheckpointMismatchError(
+                f"checkpoint was written with world_size={meta['world_size']} workers but this run "
+                f"has world_size={self.comm.world_size}; resume with {meta['world_size']} workers "
+                "(--workers / --nproc_per_node)"
+            )
+        if meta["algorithm"] != self.algorithm:
+            raise CheckpointMismatchError(
+                f"checkpoint was written by method {meta['algorithm']!r} but this optimizer is "
+                f"{self.algorithm!r}; resume with --method {meta['algorithm']}"
+            )
+        self.inner.load_state_dict(state_dict["inner"])
+        # Optimizer.load_state_dict builds new group dicts: share them again.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        self.global_step = int(meta["global_step"])
+        self.comm.ledger.load_state_dict(meta["ledger"])
+        self._load_extra_state(meta.get("extra", {}))
+
+    # ------------------------------------------------------------------- hooks
+    def _before_local_step(self) -> None:
+        self._clip()
+
+    def _after_local_step(self) -> None:
+        pass
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"clip_rho": self.clip_rho}
+
+    # ----------------------------------------------------------------- helpers
+    def _clip(self) -> None:
+        if self.clip_rho is None:
+            return
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.clamp_(-self.clip_rho, self.clip_rho)
+
+    def ddp_equivalent_bytes(self, steps: int | None = None) -> int:
+        """Bytes one worker would have sent had DDP all-reduced every gradient for ``steps``."""
+        steps = self.global_step if steps is None else steps
+        per_step = sum(self.comm.payload_bytes(p) for p in self.params)
+        return steps * per_step
+
+    def comm_summary(self) -> dict[str, Any]:
+        ledger = self.comm.ledger
+        ddp = self.ddp_equivalent_bytes()
+        return {
+            "bytes_sent": ledger.total_bytes,
+            "bytes_by_state": dict(ledger.bytes_by_tag),
+            "collectives": ledger.collectives,
+            "ddp_equivalent_bytes": ddp,
+            "ratio_vs_ddp": (ddp / ledger.total_bytes) if ledger.total_bytes else float("inf"),
+        }

@@ -1,0 +1,62 @@
+"""The one seam between algorithms and the network.
+
+An algorithm sees its workers only through a :class:`Communicator`. Two real implementations:
+
+* :class:`~desloc.comm.torch_dist.TorchDistComm` -- one worker per process, ``torch.distributed``
+  (gloo on CPU, NCCL on GPU), tensors flattened into buckets, one all-reduce per bucket.
+* :class:`~desloc.comm.simulated.SimulatedComm` -- all M workers in one process. Every tensor
+  the algorithm holds carries the workers on its leading dimension (``[M, *shape]``), so one
+  elementwise optimizer step over the stacked tensor *is* M independent worker steps (bitwise:
+  ``tests/test_simulator.py``) and averaging is a reduction over dim 0.
+
+Algorithms are written once against this interface and never import ``torch.distributed``
+(``tests/test_layering.py`` enforces it). Every collective records its payload in
+``self.ledger`` from inside the implementation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from desloc.comm.ledger import CommLedger
+
+
+class Communicator(ABC):
+    """Average tensors over workers, counting every byte.
+
+    Attributes:
+        world_size: number of workers M.
+        ledger: the byte counter, filled by the implementation.
+    """
+
+    world_size: int
+    ledger: CommLedger
+
+    @property
+    @abstractmethod
+    def stacked(self) -> bool:
+        """True when tensors carry all workers on dim 0 (the simulator)."""
+
+    @abstractmethod
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
+        """Replace every tensor, in place, by its mean over the M workers.
+
+        ``tags[i]`` names what ``tensors[i]`` is (``"params"``, ``"exp_avg"``...) for the ledger.
+        """
+
+    @abstractmethod
+    def worker_numel(self, tensor: torch.Tensor) -> int:
+        """Number of elements one worker holds in ``tensor``."""
+
+    def payload_bytes(self, tensor: torch.Tensor) -> int:
+        return self.worker_numel(tensor) * tensor.element_size()
+
+    def barrier(self) -> None:  # pragma: no cover - trivial in the simulator
+        """Wait for every worker (no-op in the simulator)."""
+
+    def _check_args(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
+        if len(tensors) != len(tags):
+            raise ValueError(f"all_reduce_mean got {len(tensors)} tensors but {len(tags)} tags")

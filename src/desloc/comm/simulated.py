@@ -1,0 +1,54 @@
+"""M workers in one process: every tensor carries the workers on dim 0.
+
+Averaging is ``t.sum(0) / M`` broadcast back to every worker. The reduction runs over workers in
+a fixed order, so results are deterministic; for M = 2 the sum is order-free and equals what a
+2-process gloo all-reduce produces, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from desloc.comm.base import Communicator
+from desloc.comm.ledger import CommLedger
+
+
+class SimulatedComm(Communicator):
+    """In-process communicator for ``world_size`` stacked workers."""
+
+    def __init__(self, world_size: int):
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise ValueError(
+                f"world_size (number of workers M) must be an integer >= 1, got {world_size!r}; "
+                "use 1 for a single worker"
+            )
+        self.world_size = world_size
+        self.ledger = CommLedger()
+
+    @property
+    def stacked(self) -> bool:
+        return True
+
+    def worker_numel(self, tensor: torch.Tensor) -> int:
+        self._check_stacked(tensor)
+        return tensor.numel() // self.world_size
+
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
+        self._check_args(tensors, tags)
+        if not tensors:
+            return
+        for tensor, tag in zip(tensors, tags):
+            self._check_stacked(tensor)
+            self.ledger.record(tag, self.payload_bytes(tensor))
+            mean = tensor.sum(dim=0, keepdim=True).div_(self.world_size)
+            tensor.copy_(mean.expand_as(tensor))
+        self.ledger.record_collective(1)
+
+    def _check_stacked(self, tensor: torch.Tensor) -> None:
+        if tensor.dim() == 0 or tensor.shape[0] != self.world_size:
+            raise ValueError(
+                f"SimulatedComm expects tensors of shape [M={self.world_size}, ...], got "
+                f"{tuple(tensor.shape)}; build the model with desloc.sim.StackedReplicas"
+            )
