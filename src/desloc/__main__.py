@@ -1,0 +1,5 @@
+import sys
+
+from desloc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""The simulator and real gloo processes compute the same training run.
+
+For every method (ddp, local-adam, desloc, keep-states, reset-states) x inner optimizer (adamw,
+sgdm, adopt), ``tests/_dist_workload.py`` trains the same MLP on the same per-(worker, step)
+batches once with ``SimulatedComm(M)`` and once in M gloo processes with ``TorchDistComm``.
+
+* M = 2: final parameters and optimizer states are bitwise equal (a 2-term sum is the same in
+  any order, and both engines divide the sum by M).
+* M = 4: equal up to float rounding (gloo sums in a different order than ``sum(dim=0)``).
+* The ledgers agree exactly (bytes and syncs per tag, collectives), on every rank.
+
+All ranks of one M run every combination in one spawn; the run is shared with
+``tests/test_resume.py`` through ``_dist_workload.session_gloo_run``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned ranks inherit sys.path
+import _dist_workload as wl  # noqa: E402
+
+JOIN_TIMEOUT_S = {2: 120.0, 4: 200.0}
+pytestmark = pytest.mark.timeout(280)
+
+COMBO_IDS = [wl.combo_key(m, i) for m, i in wl.COMBOS]
+PARAM_BYTES = (4 * 8 + 8 + 8 * 1 + 1) * 4  # the MLP's parameters, fp32, one worker
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """``engines(M)`` -> (simulator results, per-rank gloo results) for all combinations."""
+    sims: dict[int, dict] = {}
+
+    def get(world_size: int):
+        ranks, _ = wl.session_gloo_run(
+            world_size, lambda: tmp_path_factory.mktemp(f"gloo{world_size}"), JOIN_TIMEOUT_S[world_size]
+        )
+        if world_size not in sims:
+            sims[world_size] = wl.run_job_sim(world_size, wl.make_job(("full",)))
+        return sims[world_size], ranks
+
+    return get
+
+
+def _pair(engines, world_size: int, key: str):
+    sims, ranks = engines(world_size)
+    return sims[key]["full"], wl.stack_ranks([r[key]["full"] for r in ranks])
+
+
+def _assert_same(a: torch.Tensor, b: torch.Tensor, bitwise: bool, what: str) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+    if bitwise:
+        assert torch.equal(a, b), f"{what}: max |diff| {(a - b).abs().max().item():.3e} (expected bitwise equal)"
+    else:
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("key", COMBO_IDS)
+def test_params_and_states_match(engines, world_size, key):
+    sim, real = _pair(engines, world_size, key)
+    bitwise = world_size == 2
+    assert sorted(sim["params"]) == sorted(real["params"])
+    for name in sim["params"]:
+        _assert_same(sim["params"][name], real["params"][name], bitwise, f"{key} M={world_size} param {name}")
+    assert sorted(sim["states"]) == sorted(real["states"]), "the engines' optimizers hold different states"
+    assert sim["states"], f"{key}: no optimizer states were compared"
+    for name in sim["states"]:
+        _assert_same(sim["states"][name], real["states"][name], bitwise, f"{key} M={world_size} state {name}")
+    # Scalar states (Adam/ADOPT's step) are identical on every rank and equal the simulator's.
+    assert sorted(sim["scalars"]) == sorted(real["scalars"])
+    for name, per_rank in real["scalars"].items():
+        for rank, value in enumerate(per_rank):
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sim["scalars"][name])), (
+                f"{key}: scalar state {name} on rank {rank} is {value}, simulator has {sim['scalars'][name]}"
+            )
+    assert real["global_steps"] == [wl.STEPS] * world_size and sim["global_step"] == wl.STEPS
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("key", COMBO_IDS)
+def test_workers_are_not_trivially_equal(engines, world_size, key):
+    """Guards the test above against vacuity: workers saw different data, so after the last
+    step (13, mid-period for every local method) their parameters differ -- except under DDP,
+    where they stay identical."""
+    _, real = _pair(engines, world_size, key)
+    w = real["params"]["0.weight"]
+    identical = all(torch.equal(w[0], w[m]) for m in range(1, world_size))
+    assert identical == key.startswith("ddp/"), f"{key}: workers identical={identical}"
+
+
+def _expected_bytes(method: str, inner: str, steps: int) -> dict[str, int]:
+    """Payload bytes per tag for one worker, from the periods (every state is model-sized)."""
+    state_names = ["momentum_buffer"] if inner == "sgdm" else ["exp_avg", "exp_avg_sq"]
+    if method == "ddp":
+        return {"grads": steps * PARAM_BYTES}
+    if method in ("keep-states", "reset-states"):
+        return {"params": steps // wl.LOCAL_PERIOD * PARAM_BYTES}
+    if method == "local-adam":
+        periods = dict(params=wl.LOCAL_PERIOD, **{s: wl.LOCAL_PERIOD for s in state_names})
+    else:
+        kx, ku, kv = wl.DESLOC_PERIODS
+        roles = {"exp_avg": ku, "exp_avg_sq": kv, "momentum_buffer": ku}
+        periods = dict(params=kx, **{s: roles[s] for s in state_names})
+    return {tag: steps // k * PARAM_BYTES for tag, k in periods.items()}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("key", COMBO_IDS)
+def test_ledgers_match(engines, world_size, key):
+    sim, real = _pair(engines, world_size, key)
+    for rank, ledger in enumerate(real["ledgers"]):
+        assert ledger["bytes_by_tag"] == sim["ledger"]["bytes_by_tag"], f"{key}: rank {rank} bytes per tag"
+        assert ledger["syncs_by_tag"] == sim["ledger"]["syncs_by_tag"], f"{key}: rank {rank} syncs per tag"
+        assert ledger["collectives"] == sim["ledger"]["collectives"], f"{key}: rank {rank} collectives"
+    method, inner = key.split("/")
+    assert sim["ledger"]["bytes_by_tag"] == _expected_bytes(method, inner, wl.STEPS)
