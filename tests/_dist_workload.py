@@ -258,9 +258,11 @@ def rank_main(rank: int, world_size: int, init_file: str, out_dir: str, job: dic
         dist.destroy_process_group()
 
 
-def spawn_ranks(world_size: int, job: dict, workdir: str | os.PathLike, timeout_s: float = 120.0) -> list[dict]:
+def spawn_ranks(world_size: int, job: dict, workdir: str | os.PathLike, timeout_s: float = 120.0,
+                target=None) -> list[dict]:
     """Run ``job`` in ``world_size`` gloo processes; returns each rank's results.
 
+    ``target`` (default :func:`rank_main`, same signature) must be importable by name.
     Raises ``TimeoutError`` (after killing the ranks) if they have not all finished within
     ``timeout_s``, and ``ProcessRaisedException`` if one of them failed.
     """
@@ -273,7 +275,7 @@ def spawn_ranks(world_size: int, job: dict, workdir: str | os.PathLike, timeout_
         (workdir / f"rank{r}.pt").unlink(missing_ok=True)
     # Collectives inside the ranks time out a little before the test does.
     ctx = mp.start_processes(
-        rank_main, args=(world_size, str(init_file), str(workdir), job, max(10.0, timeout_s - 15)),
+        target or rank_main, args=(world_size, str(init_file), str(workdir), job, max(10.0, timeout_s - 15)),
         nprocs=world_size, join=False, start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s

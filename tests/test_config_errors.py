@@ -95,3 +95,14 @@ def test_cli_rejects_non_integer_period(capsys):
     with pytest.raises(SystemExit):
         cli_main(["toy", "--kx", "1.5"])
     assert "integer" in capsys.readouterr().err
+
+
+def test_desloc_state_period_none_means_never():
+    cfg = MethodConfig("desloc", period_x=4, period_u=None, period_v=24)
+    assert cfg.period_u is None and cfg.period_v == 24
+
+
+def test_keep_and_reset_states_have_no_state_periods():
+    for name in ("keep-states", "reset-states", "ddp"):
+        cfg = MethodConfig(name, period_x=4)
+        assert cfg.period_u is None and cfg.period_v is None

@@ -36,10 +36,11 @@ CFG = {
 
 def make_problem(workers: int, dtype, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    A = (torch.eye(N, dtype=torch.float64) + 0.3 * torch.randn(workers, N, N, generator=gen, dtype=torch.float64)).to(dtype)
-    b = torch.randn(workers, N, generator=gen, dtype=torch.float64).to(dtype)
-    x0 = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype)
-    return A, b, x0
+    f64 = dict(generator=gen, dtype=torch.float64)  # drawn in float64, then cast: same data
+    A = torch.eye(N, dtype=torch.float64) + 0.3 * torch.randn(workers, N, N, **f64)  # [M, N, N]
+    b = torch.randn(workers, N, **f64)  # [M, N]
+    x0 = torch.randn(N, **f64)  # [N]
+    return A.to(dtype), b.to(dtype), x0.to(dtype)
 
 
 def grad_fn(A, b):

@@ -175,7 +175,8 @@ def test_method_matches_naive_reference(inner, method, clip_rho):
     n_clipped = 0
     for t, ((xs, states, n_clipped), (X, opt)) in enumerate(zip(ref, lib)):
         for m in range(M):
-            torch.testing.assert_close(X[m], xs[m], rtol=RTOL, atol=ATOL, msg=lambda s: f"x, step {t}, worker {m}: {s}")
+            torch.testing.assert_close(X[m], xs[m], rtol=RTOL, atol=ATOL,
+                                       msg=lambda s: f"x, step {t}, worker {m}: {s}")
             for name in STATES[inner]:
                 got = opt.inner.state[X][name][m]
                 torch.testing.assert_close(got, states[m][name], rtol=RTOL, atol=ATOL,

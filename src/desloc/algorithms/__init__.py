@@ -18,6 +18,9 @@ from desloc.comm.base import Communicator
 from desloc.errors import ConfigError, check_period
 
 
+AUTO = "auto"  # a period resolved from period_x by the method
+
+
 @dataclass
 class MethodConfig:
     """Which method and its sync periods.
@@ -25,39 +28,44 @@ class MethodConfig:
     name: registry name (see :data:`METHODS`).
     period_x: K_x, steps between parameter averages (the K of local-adam / keep-states /
         reset-states).
-    period_u: K_u, first-moment period (desloc; default 3 * period_x; None = never).
-    period_v: K_v, second-moment period (desloc; default 6 * period_x; None = never).
+    period_u: K_u, first-moment period for desloc: ``"auto"`` (default) = 3 * period_x,
+        None = never.
+    period_v: K_v, second-moment period for desloc: ``"auto"`` (default) = 6 * period_x,
+        None = never.
     clip_rho: coordinate-wise gradient clip bound, None = off.
     """
 
     name: str = "desloc"
     period_x: int = 256
-    period_u: int | None = None
-    period_v: int | None = None
+    period_u: int | None | str = "auto"
+    period_v: int | None | str = "auto"
     clip_rho: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"unknown method {self.name!r}; choose one of {sorted(METHODS)}")
         check_period("period_x (K_x)", self.period_x)
-        check_period("period_u (K_u)", self.period_u, allow_none=True)
-        check_period("period_v (K_v)", self.period_v, allow_none=True)
+        for field in ("period_u", "period_v"):
+            if getattr(self, field) != AUTO:
+                check_period(f"{field} (K_{field[-1]})", getattr(self, field), allow_none=True)
         if self.clip_rho is not None and not self.clip_rho > 0:
             raise ConfigError(f"clip_rho must be > 0 or None (off), got {self.clip_rho}")
         if self.name == "desloc":
-            if self.period_u is None:
+            if self.period_u == AUTO:
                 self.period_u = 3 * self.period_x
-            if self.period_v is None:
+            if self.period_v == AUTO:
                 self.period_v = 6 * self.period_x
         elif self.name == "local-adam":
             for field in ("period_u", "period_v"):
                 val = getattr(self, field)
-                if val is not None and val != self.period_x:
+                if val != AUTO and val != self.period_x:
                     raise ConfigError(
                         f"local-adam syncs every state with the parameters, so {field} must equal "
                         f"period_x={self.period_x} (got {val}); use --method desloc for different periods"
                     )
             self.period_u = self.period_v = self.period_x
+        else:  # the other methods do not use state periods
+            self.period_u = self.period_v = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

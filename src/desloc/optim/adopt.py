@@ -52,6 +52,8 @@ class ADOPT(torch.optim.Optimizer):
                 raise ValueError(f"ADOPT betas[{i}] must be in [0, 1), got {b}")
         if eps <= 0:
             raise ValueError(f"ADOPT eps must be > 0, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"ADOPT weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
