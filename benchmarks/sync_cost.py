@@ -77,6 +77,7 @@ def worker(rank: int, args, port: int, out_path: str) -> None:
         arms = {"desloc": desloc_sync, "raw": raw_all_reduce}
         ledger = opt.comm.ledger
         times: dict[str, list[float]] = {arm: [] for arm in arms}
+        cpu: dict[str, list[float]] = {arm: [] for arm in arms}  # this process, all its threads
         for rep in range(-args.warmup, args.reps):
             order = ("desloc", "raw") if rep % 2 == 0 else ("raw", "desloc")
             for arm in order:
@@ -84,16 +85,17 @@ def worker(rank: int, args, port: int, out_path: str) -> None:
                     flat.copy_(flat_init)  # repeated SUMs would overflow; reset outside the timing
                 bytes_before, coll_before = ledger.total_bytes, ledger.collectives
                 dist.barrier()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 arms[arm]()
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if arm == "desloc":  # the ledger saw exactly the three model-sized payloads
                     assert ledger.total_bytes - bytes_before == payload_bytes
                     assert ledger.collectives > coll_before
                 if rep >= 0:
                     times[arm].append(dt)
+                    cpu[arm].append(dc)
         gathered: list = [None] * args.world_size
-        dist.all_gather_object(gathered, times)
+        dist.all_gather_object(gathered, {"wall": times, "cpu": cpu})
         if rank == 0:
             collectives_per_sync = ledger.collectives / (1 + args.warmup + args.reps)
             with open(out_path, "w") as f:
@@ -127,7 +129,9 @@ def main() -> None:
         with open(out_path) as f:
             raw = json.load(f)
 
-    per_rank = raw["per_rank"]
+    per_rank = [r["wall"] for r in raw["per_rank"]]
+    cpu_per_rank = [r["cpu"] for r in raw["per_rank"]]
+    cpu_summary = {arm: _common.quantiles([x for r in cpu_per_rank for x in r[arm]]) for arm in ("desloc", "raw")}
     summary = {}
     for view in ("max_over_ranks", "rank0"):
         t = {}
@@ -151,6 +155,8 @@ def main() -> None:
         "bucket_bytes": raw["bucket_bytes"],
         "collectives_per_sync": raw["collectives_per_sync"],
         "raw_seconds_per_rank": per_rank,
+        "raw_cpu_seconds_per_rank": cpu_per_rank,
+        "cpu_seconds_per_rank_summary": cpu_summary,
         "summary": summary,
         "ratio": head["ratio_of_medians"],
         "target": {"metric": "ratio_of_medians over reps of max-over-ranks time (desloc / raw)", "max": TARGET},
@@ -168,6 +174,8 @@ def main() -> None:
         print(f"  {view:<15} desloc {1e3 * d['median']:7.2f} ms (IQR {1e3 * d['p25']:.1f}-{1e3 * d['p75']:.1f})  "
               f"raw {1e3 * r['median']:7.2f} ms (IQR {1e3 * r['p25']:.1f}-{1e3 * r['p75']:.1f})  "
               f"ratio {s['ratio_of_medians']:.3f} (95% CI {lo:.3f}-{hi:.3f}, paired IQR {pr['p25']:.3f}-{pr['p75']:.3f})")
+    print(f"  process CPU per rank per rep (all threads), median: desloc {1e3 * cpu_summary['desloc']['median']:.1f} ms, "
+          f"raw {1e3 * cpu_summary['raw']['median']:.1f} ms")
     print(f"  raw all-reduce bandwidth (payload / median max-over-ranks time): "
           f"{mb / head['seconds']['raw']['median']:.0f} MiB/s")
     print(f"  target ratio <= {TARGET}: {'PASS' if record['passed'] else 'FAIL'}")
