@@ -78,6 +78,7 @@ class LocalOptimizer(torch.optim.Optimizer):
             "desloc": {
                 "algorithm": self.algorithm,
                 "world_size": self.comm.world_size,
+                "stacked": self.comm.stacked,
                 "global_step": self.global_step,
                 "ledger": self.comm.ledger.state_dict(),
                 "config": self.config_dict(),
@@ -102,6 +103,20 @@ class LocalOptimizer(torch.optim.Optimizer):
             raise CheckpointMismatchError(
                 f"checkpoint was written by method {meta['algorithm']!r} but this optimizer is "
                 f"{self.algorithm!r}; resume with --method {meta['algorithm']}"
+            )
+        if meta.get("stacked", self.comm.stacked) != self.comm.stacked:
+            engines = {True: "the simulator", False: "torch.distributed (one worker per process)"}
+            raise CheckpointMismatchError(
+                f"checkpoint was written by {engines[meta['stacked']]} but this run uses "
+                f"{engines[self.comm.stacked]}; resume on the same engine (--backend)"
+            )
+        saved, ours = meta.get("config", {}), self.config_dict()
+        changed = {k: (saved.get(k), ours.get(k)) for k in set(saved) | set(ours) if saved.get(k) != ours.get(k)}
+        if changed:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(changed.items()))
+            raise CheckpointMismatchError(
+                f"checkpoint's {self.algorithm} settings differ from this run's ({detail}); "
+                "resume with the checkpoint's settings"
             )
         self.inner.load_state_dict(state_dict["inner"])
         # Optimizer.load_state_dict builds new group dicts: share them again.
