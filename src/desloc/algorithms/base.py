@@ -161,7 +161,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         ddp = self.ddp_equivalent_bytes()
         return {
             "bytes_sent": ledger.total_bytes,
-            "bytes_by_state": dict(ledger.bytes_by_tag),
+            "bytes_by_state": ledger.method_bytes_by_tag,
             "collectives": ledger.collectives,
             "ddp_equivalent_bytes": ddp,
             "ratio_vs_ddp": (ddp / ledger.total_bytes) if ledger.total_bytes else float("inf"),

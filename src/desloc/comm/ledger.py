@@ -12,6 +12,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+# Traffic that observes training rather than being part of the method (loss/norm averages for
+# logging). Counted under its tag but kept out of ``total_bytes``.
+OBSERVER_TAGS = frozenset({"metrics"})
+
 
 @dataclass
 class CommLedger:
@@ -34,8 +38,14 @@ class CommLedger:
         self.collectives += count
 
     @property
+    def method_bytes_by_tag(self) -> dict[str, int]:
+        """Bytes per tag, without observer traffic (see ``OBSERVER_TAGS``)."""
+        return {t: b for t, b in self.bytes_by_tag.items() if t not in OBSERVER_TAGS}
+
+    @property
     def total_bytes(self) -> int:
-        return sum(self.bytes_by_tag.values())
+        """Bytes the method sent (observer traffic excluded)."""
+        return sum(self.method_bytes_by_tag.values())
 
     def wire_bytes_ring(self, world_size: int) -> float:
         """Bytes each worker puts on the wire if every collective were a ring all-reduce."""

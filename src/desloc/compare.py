@@ -1,0 +1,126 @@
+"""`desloc compare`: several methods (and seeds) on the same data, model and token budget.
+
+Each (method, seed) is an ordinary training run in ``<out>/<method>-s<seed>/``; finished runs are
+skipped when the command is repeated, so an interrupted comparison resumes. The aggregate goes to
+``compare.json`` (every run's summary, plus mean and spread per method), ``compare.md`` (a table)
+and ``compare.png`` (validation loss vs step and vs bytes sent, mean over seeds). This is the
+analogue of the DES-LOC paper's Figure 4.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from desloc.records import RunDir, atomic_write_bytes, atomic_write_json
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per method: mean and std over seeds of the final numbers."""
+    table = {}
+    for method, summaries in runs.items():
+        loss_m, loss_s = _mean_std([s["final_val_loss"] for s in summaries])
+        wall_m, _ = _mean_std([s["wall_time_s"] for s in summaries])
+        table[method] = {
+            "seeds": [s["seed"] for s in summaries],
+            "final_val_loss_mean": loss_m, "final_val_loss_std": loss_s,
+            "final_val_ppl_mean": statistics.fmean(s["final_val_ppl"] for s in summaries),
+            "bytes_sent": summaries[0]["bytes_sent"],
+            "bytes_by_state": summaries[0]["bytes_by_state"],
+            "ratio_vs_ddp": summaries[0]["ratio_vs_ddp"],
+            "tokens": summaries[0]["tokens"],
+            "wall_time_s_mean": wall_m,
+            "periods": summaries[0]["periods"],
+        }
+    return table
+
+
+def markdown_table(table: dict[str, Any], reference: str | None = None) -> str:
+    ref = table.get(reference) if reference else None
+    lines = ["| method | periods (x, u, v) | final val loss (mean ± std) | val ppl | vs ref | bytes sent / worker | ratio vs DDP | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        p = r["periods"]
+        periods = "every step" if name == "ddp" else f"{p['x']}, {p['u'] or '-'}, {p['v'] or '-'}"
+        rel = (f"{100 * (r['final_val_loss_mean'] / ref['final_val_loss_mean'] - 1):+.2f}%" if ref else "")
+        ratio = "1x" if name == "ddp" else f"{r['ratio_vs_ddp']:.2f}x"
+        lines.append(f"| {name} | {periods} | {r['final_val_loss_mean']:.4f} ± {r['final_val_loss_std']:.4f} | "
+                     f"{r['final_val_ppl_mean']:.2f} | {rel} | {r['bytes_sent']:,} | {ratio} | {r['wall_time_s_mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for method, seed_rows in curves.items():
+        evals = [[r for r in rows if r.get("val_loss") is not None] for rows in seed_rows]
+        n = min(len(e) for e in evals)
+        if n == 0:
+            continue
+        steps = [evals[0][i]["step"] for i in range(n)]
+        loss = [statistics.fmean(e[i]["val_loss"] for e in evals) for i in range(n)]
+        sent = [max(evals[0][i]["bytes_sent"], 1) for i in range(n)]
+        (line,) = a1.plot(steps, loss, "o-", ms=2.5, label=method)
+        a2.plot(sent, loss, "o-", ms=2.5, color=line.get_color(), label=method)
+    a1.set_xlabel("step")
+    a2.set_xlabel("bytes sent per worker (log)")
+    a2.set_xscale("log")
+    for ax in (a1, a2):
+        ax.set_ylabel("validation loss (mean over seeds)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+
+
+def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seeds: list[int],
+                out: str | Path, progress: bool | None = None, reference: str = "local-adam") -> dict[str, Any]:
+    """``base_config(method, seed)`` returns the TrainConfig of one run."""
+    from desloc.train import train
+
+    out = Path(out)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    curves: dict[str, list[list[dict[str, Any]]]] = {}
+    configs = {}
+    is_main = True
+    for method in methods:
+        for seed in seeds:
+            cfg = base_config(method, seed)
+            configs[method] = cfg.to_dict()
+            run = RunDir(out / f"{method}-s{seed}")
+            done = run.path / "summary.json"
+            if done.exists():
+                summary = json.loads(done.read_text())
+            else:
+                resume = (run.path / "config.json").exists()
+                summary = train(cfg, run.path, resume=resume, progress=progress)
+                import os
+
+                is_main = int(os.environ.get("RANK", "0")) == 0
+            runs.setdefault(method, []).append(summary)
+            curves.setdefault(method, []).append(run.read_metrics())
+    table = aggregate(runs)
+    record = {"methods": table, "runs": runs, "configs": configs, "seeds": seeds}
+    if is_main:
+        any_cfg = next(iter(configs.values()))
+        title = (f"M={any_cfg['workers']}, model {any_cfg['model']}, {any_cfg['steps']} steps, "
+                 f"seeds {seeds}, data {any_cfg['data']['source']} ({any_cfg['data']['partition']})")
+        atomic_write_json(out / "compare.json", record)
+        md = f"# desloc compare\n\n{title}\n\n" + markdown_table(table, reference if reference in table else None) + "\n"
+        atomic_write_bytes(out / "compare.md", md.encode())
+        plot_compare(out, curves, title)
+    return record
