@@ -79,6 +79,9 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--ku",), dict(type=_period, help="K_u for desloc (default 3*K_x; 'none' = never)"), ("method", "period_u")),
     (("--kv",), dict(type=_period, help="K_v for desloc (default 6*K_x; 'none' = never)"), ("method", "period_v")),
     (("--clip-rho",), dict(type=float, help="coordinate-wise gradient clip bound"), ("method", "clip_rho")),
+    (("--outer",), dict(help="outer optimizer on the pseudo-gradient: nesterov | sgd (diloco: nesterov)"), ("method", "outer")),
+    (("--outer-lr",), dict(type=float, help="outer learning rate (DiLoCo 0.7)"), ("method", "outer_lr")),
+    (("--outer-momentum",), dict(type=float, help="outer momentum (DiLoCo 0.9)"), ("method", "outer_momentum")),
     (("--inner",), dict(help="inner optimizer: adamw | sgdm | adopt"), ("inner", "name")),
     (("--lr",), dict(type=float, help="peak learning rate"), ("inner", "lr")),
     (("--beta1",), dict(type=float), ("inner", "beta1")),
@@ -208,11 +211,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     def config_for(method: str, seed: int):
         cfg = _train_config(args, seed=seed)
         d = cfg.to_dict()
-        d["method"] = {"name": method, "period_x": cfg.method.period_x,
-                       "period_u": getattr(args, "ku", "auto"), "period_v": getattr(args, "kv", "auto"),
-                       "clip_rho": cfg.method.clip_rho}
-        if method != "desloc":
+        d["method"].update(name=method, period_u=getattr(args, "ku", "auto"), period_v=getattr(args, "kv", "auto"))
+        if method not in ("desloc", "mtdao"):
             d["method"]["period_u"] = d["method"]["period_v"] = "auto"
+        if method == "ddp":
+            d["method"]["outer"] = None
         from desloc.train import TrainConfig
 
         return TrainConfig.from_dict(d)

@@ -33,6 +33,10 @@ class MethodConfig:
     period_v: K_v, second-moment period for desloc: ``"auto"`` (default) = 6 * period_x,
         None = never.
     clip_rho: coordinate-wise gradient clip bound, None = off.
+    outer: outer optimizer on the pseudo-gradient at each parameter sync: "nesterov" (SGD with
+        Nesterov momentum), "sgd" (plain momentum) or None (plain averaging). diloco defaults to
+        "nesterov"; desloc and local-adam accept it too (the paper's "DES-LOC + Nesterov").
+    outer_lr, outer_momentum: the outer SGD's learning rate and momentum (DiLoCo: 0.7, 0.9).
     """
 
     name: str = "desloc"
@@ -40,6 +44,9 @@ class MethodConfig:
     period_u: int | None | str = "auto"
     period_v: int | None | str = "auto"
     clip_rho: float | None = None
+    outer: str | None = None
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -50,6 +57,16 @@ class MethodConfig:
                 check_period(f"{field} (K_{field[-1]})", getattr(self, field), allow_none=True)
         if self.clip_rho is not None and not self.clip_rho > 0:
             raise ConfigError(f"clip_rho must be > 0 or None (off), got {self.clip_rho}")
+        if self.name == "diloco" and self.outer is None:
+            self.outer = "nesterov"
+        if self.outer not in (None, "nesterov", "sgd"):
+            raise ConfigError(f"outer must be 'nesterov', 'sgd' or None, got {self.outer!r}")
+        if self.outer is not None and self.name == "ddp":
+            raise ConfigError("ddp has no parameter sync to put an outer optimizer on; drop --outer")
+        if not self.outer_lr > 0:
+            raise ConfigError(f"outer_lr must be > 0, got {self.outer_lr}; DiLoCo uses 0.7")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}; DiLoCo uses 0.9")
         if self.name == "desloc":
             if self.period_u == AUTO:
                 self.period_u = 3 * self.period_x
@@ -71,27 +88,44 @@ class MethodConfig:
         return asdict(self)
 
 
+def outer_factory(cfg: MethodConfig) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None:
+    """The outer optimizer named by ``cfg.outer`` (SGD on the pseudo-gradient), or None."""
+    if cfg.outer is None:
+        return None
+    nesterov = cfg.outer == "nesterov" and cfg.outer_momentum > 0
+    return lambda params: torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=nesterov)
+
+
 def _periods(cfg: MethodConfig, roles: dict[str, str], u: int | None, v: int | None) -> dict[str, int | None]:
     return {name: (u if role == "u" else v) for name, role in roles.items()}
 
 
 def _build_desloc(cfg, inner, comm, roles, **kw):
+    kw.setdefault("outer", outer_factory(cfg))
     return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, cfg.period_u, cfg.period_v),
                   clip_rho=cfg.clip_rho, **kw)
 
 
 def _build_local_adam(cfg, inner, comm, roles, **kw):
+    kw.setdefault("outer", outer_factory(cfg))
     k = cfg.period_x
     return DesLoc(inner, comm, k, _periods(cfg, roles, k, k), clip_rho=cfg.clip_rho, **kw)
 
 
 def _build_keep(cfg, inner, comm, roles, **kw):
+    kw.setdefault("outer", outer_factory(cfg))
     return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, None, None), clip_rho=cfg.clip_rho, **kw)
 
 
 def _build_reset(cfg, inner, comm, roles, **kw):
+    kw.setdefault("outer", outer_factory(cfg))
     return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, None, None),
                   reset_states_on_param_sync=True, clip_rho=cfg.clip_rho, **kw)
+
+
+def _build_diloco(cfg, inner, comm, roles, **kw):
+    kw.setdefault("outer", outer_factory(cfg))
+    return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, None, None), clip_rho=cfg.clip_rho, **kw)
 
 
 def _build_ddp(cfg, inner, comm, roles, **kw):
@@ -105,6 +139,7 @@ METHODS: dict[str, tuple[Builder, str]] = {
     "desloc": (_build_desloc, "parameters every K_x, first moment every K_u, second every K_v"),
     "keep-states": (_build_keep, "parameters every K_x, optimizer states never (FAVG+OPT)"),
     "reset-states": (_build_reset, "parameters every K_x, states zeroed at each parameter sync"),
+    "diloco": (_build_diloco, "every H = K_x steps an outer Nesterov step on the averaged pseudo-gradient"),
 }
 
 

@@ -27,13 +27,28 @@ Settings of the same class (the registry's names):
     reset-states  K_u = K_v = None, ``reset_states_on_param_sync``: at every parameter sync
                   the state tensors are zeroed (scalar counters such as Adam's ``step`` are
                   kept, so bias correction does not restart -- our reading of "reset to zero").
+    diloco        K_u = K_v = None and an outer optimizer (below), K_x = H.
 Reductions (tests/test_reductions.py): M = 1 or identical data -> plain OPT; sgdm with
 K_x = K_u = 1 -> DDP-SGDM exactly; Adam with all K = 1 is *not* DDP-Adam (E[g^2] != E[g]^2).
+
+Outer optimizer (DiLoCo, Douillard et al. 2023; "DES-LOC + Nesterov"): with ``outer`` given,
+the parameter sync does not overwrite x with the average but feeds the pseudo-gradient to an
+outer optimizer over an anchor copy xbar (the parameters at the start of the round)::
+
+    xbar_0 = x_0
+    at every parameter sync:   Delta = xbar - E_m[x^m]            (the all-reduce, tag "params")
+                               xbar  = OUTER.step(xbar, Delta)     (default SGD lr 0.7, momentum
+                                                                    0.9, Nesterov)
+                               x^m   = xbar                        for all m
+
+Communication is unchanged (one model-sized all-reduce per parameter sync). The anchor and the
+outer optimizer's state are part of ``state_dict``. Outer SGD with lr 1 and no momentum gives
+xbar - (xbar - E[x]) = E[x]: plain averaging (tests/test_outer.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -55,6 +70,7 @@ class DesLoc(LocalOptimizer):
         reset_states_on_param_sync: bool = False,
         clip_rho: float | None = None,
         assume_elementwise: bool = False,
+        outer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
     ):
         check_period("period_x", period_x)
         for name, period in state_periods.items():
@@ -64,6 +80,13 @@ class DesLoc(LocalOptimizer):
         self.state_periods = dict(state_periods)
         self.reset_states_on_param_sync = bool(reset_states_on_param_sync)
         self._state_names: list[str] | None = None  # discovered after the first local step
+        self.anchor: list[torch.Tensor] | None = None
+        self.outer: torch.optim.Optimizer | None = None
+        if outer is not None:
+            self.anchor = [p.detach().clone() for p in self.params]
+            self.outer = outer(self.anchor)
+            if not isinstance(self.outer, torch.optim.Optimizer):
+                raise TypeError(f"outer must build a torch.optim.Optimizer, got {type(self.outer).__name__}")
 
     # --------------------------------------------------------------- discovery
     def state_tensors(self, name: str) -> list[torch.Tensor]:
@@ -125,7 +148,31 @@ class DesLoc(LocalOptimizer):
         return self.params
 
     def _finish_param_sync(self) -> None:
-        """Runs after the parameter all-reduce (overridden by outer-optimizer variants)."""
+        """After the parameter all-reduce: the outer step on Delta = xbar - E[x], if any."""
+        if self.outer is None or self.anchor is None:
+            return
+        # xbar_0 = x_0 needs every worker to start from the same parameters (as DDP does).
+        if self.comm.stacked and not all(torch.equal(a[0].expand_as(a), a) for a in self.anchor):
+            raise ConfigError("an outer optimizer needs every worker to start from the same "
+                              "parameters; initialise the replicas identically (StackedReplicas does)")
+        for xbar, x in zip(self.anchor, self.params):
+            xbar.grad = xbar - x  # x holds E_m[x^m] now
+        self.outer.step()
+        for xbar, x in zip(self.anchor, self.params):
+            x.copy_(xbar)
+            xbar.grad = None
+
+    def _extra_state(self) -> dict[str, Any]:
+        if self.outer is None or self.anchor is None:
+            return {}
+        return {"anchor": [a.detach().clone() for a in self.anchor], "outer": self.outer.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.outer is None or self.anchor is None:
+            return
+        for a, saved in zip(self.anchor, state["anchor"]):
+            a.copy_(saved)
+        self.outer.load_state_dict(state["outer"])
 
     # ------------------------------------------------------------------ record
     def config_dict(self) -> dict[str, Any]:
@@ -134,6 +181,10 @@ class DesLoc(LocalOptimizer):
             "period_x": self.period_x,
             "state_periods": dict(self.state_periods),
             "reset_states_on_param_sync": self.reset_states_on_param_sync,
+            "outer": None if self.outer is None else {
+                "optimizer": type(self.outer).__name__,
+                **{k: v for k, v in self.outer.defaults.items() if k in ("lr", "momentum", "nesterov", "dampening")},
+            },
         }
 
     def expected_bytes(self, steps: int) -> int:

@@ -69,6 +69,8 @@ class InnerConfig:
 
     def state_roles(self) -> dict[str, str]:
         """Which states are first moments (``u``) and second moments (``v``)."""
+        if self.name == "sgdm" and self.momentum == 0:
+            return {}  # plain SGD keeps no momentum buffer
         return INNER_OPTIMIZERS[self.name]
 
 
