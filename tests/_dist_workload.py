@@ -39,7 +39,15 @@ from desloc.sim import StackedReplicas
 
 METHODS = ("ddp", "local-adam", "desloc", "keep-states", "reset-states")
 INNERS = ("adamw", "sgdm", "adopt")
-COMBOS = tuple((m, i) for m in METHODS for i in INNERS)
+# Issue 4's methods: outer optimizers, MT-DAO, and GASLoC on every topology (``gasloc@slow``:
+# one-peer gossip with the last worker doing 1 of H = 3 local steps per round).
+EXTRA_COMBOS = (
+    ("diloco", "adamw"), ("diloco", "sgdm"), ("desloc+nesterov", "adamw"), ("local-adam+nesterov", "adopt"),
+    ("mtdao", "mtdao"), ("mtdao", "mtdao-adam"),
+    ("gasloc@one-peer", "adamw"), ("gasloc@two-peer", "adamw"), ("gasloc@ring", "sgdm"),
+    ("gasloc@complete", "adamw"), ("gasloc@none", "adamw"), ("gasloc@slow", "adamw"),
+)
+COMBOS = tuple((m, i) for m in METHODS for i in INNERS) + EXTRA_COMBOS
 
 # desloc: K_x, K_u, K_v pairwise distinct so parameters and each state sync at different steps;
 # local-adam / keep-states / reset-states: K = 3.
@@ -56,7 +64,19 @@ def combo_key(method: str, inner: str) -> str:
 
 
 # ------------------------------------------------------------------------------- configuration
-def method_config(method: str) -> MethodConfig:
+def method_config(method: str, world_size: int = 2) -> MethodConfig:
+    if "@" in method:  # gasloc@<topology>
+        topology = method.split("@", 1)[1]
+        if topology == "slow":
+            return MethodConfig("gasloc", period_x=LOCAL_PERIOD, topology="one-peer",
+                                local_steps=[LOCAL_PERIOD] * (world_size - 1) + [1])
+        return MethodConfig("gasloc", period_x=LOCAL_PERIOD, topology=topology)
+    if method.endswith("+nesterov"):
+        base = method_config(method.split("+")[0], world_size)
+        base.outer = "nesterov"
+        return base
+    if method == "mtdao":
+        return MethodConfig("mtdao", period_x=LOCAL_PERIOD, momentum_periods=[2, 5], period_v=4)
     if method == "desloc":
         kx, ku, kv = DESLOC_PERIODS
         return MethodConfig(method, period_x=kx, period_u=ku, period_v=kv)
@@ -117,7 +137,8 @@ def build_sim(method: str, inner: str, world_size: int, seed: int = SEED):
     comm = SimulatedComm(world_size)
     replicas = StackedReplicas(make_model(seed), world_size)
     icfg = inner_config(inner)
-    opt = build_method(method_config(method), icfg.build(replicas.parameters()), comm, icfg.state_roles())
+    opt = build_method(method_config(method, world_size), icfg.build(replicas.parameters()), comm,
+                       icfg.state_roles())
     return replicas, opt
 
 
@@ -194,7 +215,8 @@ def build_dist(method: str, inner: str, seed: int = SEED):
     comm = TorchDistComm()
     model = make_model(seed)
     icfg = inner_config(inner)
-    opt = build_method(method_config(method), icfg.build(model.parameters()), comm, icfg.state_roles())
+    opt = build_method(method_config(method, comm.world_size), icfg.build(model.parameters()), comm,
+                       icfg.state_roles())
     return model, opt
 
 

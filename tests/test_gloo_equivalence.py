@@ -94,9 +94,21 @@ def test_workers_are_not_trivially_equal(engines, world_size, key):
     assert identical == key.startswith("ddp/"), f"{key}: workers identical={identical}"
 
 
-def _expected_bytes(method: str, inner: str, steps: int) -> dict[str, int]:
+def _expected_bytes(method: str, inner: str, steps: int, world_size: int = 2) -> dict[str, int]:
     """Payload bytes per tag for one worker, from the periods (every state is model-sized)."""
     state_names = ["momentum_buffer"] if inner == "sgdm" else ["exp_avg", "exp_avg_sq"]
+    method = method.replace("+nesterov", "")  # the outer step sends nothing extra
+    rounds = steps // wl.LOCAL_PERIOD
+    if method.startswith("gasloc@"):  # peers per round: the topology's degree
+        topology = method.split("@")[1]
+        degree = {"none": 0, "complete": 1, "one-peer": 1, "slow": 1,
+                  "two-peer": min(2, world_size - 1), "ring": min(2, world_size - 1)}[topology]
+        return {"params": rounds * degree * PARAM_BYTES} if degree else {}
+    if method == "diloco":
+        return {"params": rounds * PARAM_BYTES}
+    if method == "mtdao":
+        periods = {"params": wl.LOCAL_PERIOD, "exp_avg_0": 2, "exp_avg_1": 5, "exp_avg_sq": 4}
+        return {tag: steps // k * PARAM_BYTES for tag, k in periods.items()}
     if method == "ddp":
         return {"grads": steps * PARAM_BYTES}
     if method in ("keep-states", "reset-states"):
@@ -119,4 +131,11 @@ def test_ledgers_match(engines, world_size, key):
         assert ledger["syncs_by_tag"] == sim["ledger"]["syncs_by_tag"], f"{key}: rank {rank} syncs per tag"
         assert ledger["collectives"] == sim["ledger"]["collectives"], f"{key}: rank {rank} collectives"
     method, inner = key.split("/")
-    assert sim["ledger"]["bytes_by_tag"] == _expected_bytes(method, inner, wl.STEPS)
+    assert sim["ledger"]["bytes_by_tag"] == _expected_bytes(method, inner, wl.STEPS, world_size)
+    if method.startswith("gasloc@") and "complete" not in method:
+        # gossip is point to point: every rank logs its own sends, the simulator logs all links
+        union: dict[str, int] = {}
+        for rank, ledger in enumerate(real["ledgers"]):
+            assert all(link.startswith(f"{rank}->") for link in ledger["bytes_by_link"]), key
+            union.update(ledger["bytes_by_link"])
+        assert union == sim["ledger"]["bytes_by_link"], f"{key}: links"

@@ -27,6 +27,29 @@ def _period(text: str) -> int | None:
         ) from None
 
 
+def _int_list(text: str) -> list[int | None]:
+    return [_period(t) for t in text.split(",") if t.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_method_spec(spec: str) -> dict[str, Any]:
+    """``name[+outer][@topology]``, e.g. ``desloc+nesterov`` or ``gasloc@two-peer``."""
+    out: dict[str, Any] = {}
+    name = spec
+    if "@" in name:
+        name, out["topology"] = name.split("@", 1)
+    if "+" in name:
+        name, out["outer"] = name.split("+", 1)
+    out["name"] = name
+    return out
+
+
 def _add_toy(sub: argparse._SubParsersAction) -> None:
     from desloc.toy import DEFAULT_METHODS, ToyConfig
 
@@ -82,7 +105,13 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--outer",), dict(help="outer optimizer on the pseudo-gradient: nesterov | sgd (diloco: nesterov)"), ("method", "outer")),
     (("--outer-lr",), dict(type=float, help="outer learning rate (DiLoCo 0.7)"), ("method", "outer_lr")),
     (("--outer-momentum",), dict(type=float, help="outer momentum (DiLoCo 0.9)"), ("method", "outer_momentum")),
-    (("--inner",), dict(help="inner optimizer: adamw | sgdm | adopt"), ("inner", "name")),
+    (("--topology",), dict(help="gasloc gossip graph: one-peer | two-peer | ring | complete | none"), ("method", "topology")),
+    (("--local-steps",), dict(type=_int_list, help="gasloc per-worker local steps H_i, e.g. 32,32,32,8"), ("method", "local_steps")),
+    (("--gossip-seed",), dict(type=int, help="gasloc random-matching seed"), ("method", "gossip_seed")),
+    (("--momentum-periods",), dict(type=_int_list, help="MT-DAO K_j per first momentum, e.g. 32,96"), ("method", "momentum_periods")),
+    (("--inner",), dict(help="inner optimizer: adamw | sgdm | adopt | mtdao | mtdao-adam"), ("inner", "name")),
+    (("--mt-betas",), dict(type=_float_list, help="MT-DAO momentum decays, e.g. 0.9,0.99"), ("inner", "mt_betas")),
+    (("--mt-omegas",), dict(type=_float_list, help="MT-DAO mixing weights, e.g. 0.45,0.45"), ("inner", "mt_omegas")),
     (("--lr",), dict(type=float, help="peak learning rate"), ("inner", "lr")),
     (("--beta1",), dict(type=float), ("inner", "beta1")),
     (("--beta2",), dict(type=float), ("inner", "beta2")),
@@ -198,7 +227,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from desloc.compare import markdown_table, run_compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if parse_method_spec(m)["name"] not in METHODS]
     if bad:
         raise ConfigError(f"unknown method(s) {bad}; choose from {sorted(METHODS)}")
     try:
@@ -211,11 +240,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     def config_for(method: str, seed: int):
         cfg = _train_config(args, seed=seed)
         d = cfg.to_dict()
-        d["method"].update(name=method, period_u=getattr(args, "ku", "auto"), period_v=getattr(args, "kv", "auto"))
-        if method not in ("desloc", "mtdao"):
+        spec = parse_method_spec(method)
+        d["method"].update(period_u=getattr(args, "ku", "auto"), period_v=getattr(args, "kv", "auto"))
+        if spec["name"] not in ("desloc", "mtdao"):
             d["method"]["period_u"] = d["method"]["period_v"] = "auto"
-        if method == "ddp":
-            d["method"]["outer"] = None
+        if spec["name"] not in ("desloc", "mtdao"):
+            d["method"]["momentum_periods"] = None
+        d["method"]["outer"] = None if spec["name"] == "ddp" else getattr(args, "outer", None)
+        d["method"].update(spec)
+        if spec["name"] == "mtdao" and not d["inner"]["name"].startswith("mtdao"):
+            # the MT-DAO inner optimizer of the same flavour as the others' (ADOPT or Adam)
+            d["inner"]["name"] = "mtdao" if d["inner"]["name"] == "adopt" else "mtdao-adam"
         from desloc.train import TrainConfig
 
         return TrainConfig.from_dict(d)

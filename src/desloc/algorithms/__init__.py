@@ -14,6 +14,7 @@ import torch
 from desloc.algorithms.base import LocalOptimizer
 from desloc.algorithms.ddp import DDP
 from desloc.algorithms.desloc import DesLoc
+from desloc.algorithms.gasloc import GasLoc
 from desloc.comm.base import Communicator
 from desloc.errors import ConfigError, check_period
 
@@ -37,6 +38,11 @@ class MethodConfig:
         Nesterov momentum), "sgd" (plain momentum) or None (plain averaging). diloco defaults to
         "nesterov"; desloc and local-adam accept it too (the paper's "DES-LOC + Nesterov").
     outer_lr, outer_momentum: the outer SGD's learning rate and momentum (DiLoCo: 0.7, 0.9).
+    topology: gasloc's gossip graph: one-peer | two-peer | ring | complete | none.
+    local_steps: gasloc's per-worker local-step counts H_i (<= period_x = H); None = all H.
+    gossip_seed: seed of gasloc's random matchings (identical on every worker).
+    momentum_periods: K_j for each first momentum u^j of an MT-DAO inner optimizer (mtdao,
+        desloc); None = every momentum on period_u.
     """
 
     name: str = "desloc"
@@ -47,6 +53,10 @@ class MethodConfig:
     outer: str | None = None
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    topology: str = "one-peer"
+    local_steps: list[int] | None = None
+    gossip_seed: int = 0
+    momentum_periods: list[int | None] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -57,7 +67,7 @@ class MethodConfig:
                 check_period(f"{field} (K_{field[-1]})", getattr(self, field), allow_none=True)
         if self.clip_rho is not None and not self.clip_rho > 0:
             raise ConfigError(f"clip_rho must be > 0 or None (off), got {self.clip_rho}")
-        if self.name == "diloco" and self.outer is None:
+        if self.name in ("diloco", "gasloc") and self.outer is None:
             self.outer = "nesterov"
         if self.outer not in (None, "nesterov", "sgd"):
             raise ConfigError(f"outer must be 'nesterov', 'sgd' or None, got {self.outer!r}")
@@ -67,6 +77,27 @@ class MethodConfig:
             raise ConfigError(f"outer_lr must be > 0, got {self.outer_lr}; DiLoCo uses 0.7")
         if not 0.0 <= self.outer_momentum < 1.0:
             raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}; DiLoCo uses 0.9")
+        from desloc.topology import TOPOLOGIES
+
+        if self.topology not in TOPOLOGIES:
+            raise ConfigError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
+        if self.local_steps is not None:
+            self.local_steps = list(self.local_steps)
+            if any(isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= self.period_x
+                   for h in self.local_steps):
+                raise ConfigError(f"local_steps (H_i) must be integers in [1, period_x={self.period_x}], "
+                                  f"got {self.local_steps}; e.g. --local-steps {self.period_x},{max(1, self.period_x // 4)}")
+        if self.momentum_periods is not None:
+            self.momentum_periods = list(self.momentum_periods)
+            for j, k in enumerate(self.momentum_periods):
+                check_period(f"momentum_periods[{j}] (K_{j})", k, allow_none=True)
+            if self.name not in ("desloc", "mtdao"):
+                raise ConfigError(f"momentum_periods apply to desloc and mtdao, not {self.name}")
+        if self.name == "mtdao":  # MT-DAO: all periods default to K_x (the paper's K = 32 example)
+            if self.period_u == AUTO:
+                self.period_u = self.period_x
+            if self.period_v == AUTO:
+                self.period_v = self.period_x
         if self.name == "desloc":
             if self.period_u == AUTO:
                 self.period_u = 3 * self.period_x
@@ -81,7 +112,7 @@ class MethodConfig:
                         f"period_x={self.period_x} (got {val}); use --method desloc for different periods"
                     )
             self.period_u = self.period_v = self.period_x
-        else:  # the other methods do not use state periods
+        elif self.name != "mtdao":  # the other methods do not use state periods
             self.period_u = self.period_v = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +128,29 @@ def outer_factory(cfg: MethodConfig) -> Callable[[list[torch.Tensor]], torch.opt
 
 
 def _periods(cfg: MethodConfig, roles: dict[str, str], u: int | None, v: int | None) -> dict[str, int | None]:
-    return {name: (u if role == "u" else v) for name, role in roles.items()}
+    """State name -> period from its role: u (or u<j>, MT-DAO's j-th momentum) or v."""
+    out: dict[str, int | None] = {}
+    for name, role in roles.items():
+        if role == "v":
+            out[name] = v
+        elif role.startswith("u") and role[1:].isdigit() and cfg.momentum_periods is not None and u is not None:
+            j = int(role[1:])
+            if j >= len(cfg.momentum_periods):
+                raise ConfigError(f"momentum_periods has {len(cfg.momentum_periods)} entries but the inner "
+                                  f"optimizer has momentum u{j}; give one period per momentum")
+            out[name] = cfg.momentum_periods[j]
+        else:
+            out[name] = u
+    return out
+
+
+def _build_mtdao(cfg, inner, comm, roles, **kw):
+    from desloc.optim import MTDAO
+
+    if not isinstance(inner, MTDAO):
+        raise ConfigError(f"method mtdao needs the MT-DAO inner optimizer (--inner mtdao or mtdao-adam), "
+                          f"got {type(inner).__name__}")
+    return _build_desloc(cfg, inner, comm, roles, **kw)
 
 
 def _build_desloc(cfg, inner, comm, roles, **kw):
@@ -128,6 +181,12 @@ def _build_diloco(cfg, inner, comm, roles, **kw):
     return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, None, None), clip_rho=cfg.clip_rho, **kw)
 
 
+def _build_gasloc(cfg, inner, comm, roles, **kw):
+    return GasLoc(inner, comm, cfg.period_x, topology=cfg.topology, outer_lr=cfg.outer_lr,
+                  outer_momentum=cfg.outer_momentum, nesterov=cfg.outer == "nesterov",
+                  local_steps=cfg.local_steps, seed=cfg.gossip_seed, clip_rho=cfg.clip_rho, **kw)
+
+
 def _build_ddp(cfg, inner, comm, roles, **kw):
     return DDP(inner, comm, clip_rho=cfg.clip_rho, **kw)
 
@@ -139,6 +198,8 @@ METHODS: dict[str, tuple[Builder, str]] = {
     "desloc": (_build_desloc, "parameters every K_x, first moment every K_u, second every K_v"),
     "keep-states": (_build_keep, "parameters every K_x, optimizer states never (FAVG+OPT)"),
     "reset-states": (_build_reset, "parameters every K_x, states zeroed at each parameter sync"),
+    "mtdao": (_build_mtdao, "MT-DAO: N first momenta, each synced every K_j; x every K_x, v every K_v"),
+    "gasloc": (_build_gasloc, "gossip with random peers every H steps after a local outer Nesterov step"),
     "diloco": (_build_diloco, "every H = K_x steps an outer Nesterov step on the averaged pseudo-gradient"),
 }
 
@@ -157,4 +218,4 @@ def build_method(
     return opt
 
 
-__all__ = ["DDP", "DesLoc", "LocalOptimizer", "METHODS", "MethodConfig", "build_method"]
+__all__ = ["DDP", "DesLoc", "GasLoc", "LocalOptimizer", "METHODS", "MethodConfig", "build_method"]

@@ -47,6 +47,15 @@ class Communicator(ABC):
         ``tags[i]`` names what ``tensors[i]`` is (``"params"``, ``"exp_avg"``...) for the ledger.
         """
 
+    def mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
+            neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:
+        """Gossip: worker i's tensors become ``sum_j W_ij x_j`` over ``neighbours[i] = [(j, W_ij)]``.
+
+        Only pairs with ``W_ij > 0`` exchange data, point to point; every link is counted in
+        ``ledger.bytes_by_link``. The weighted sum runs over ascending j in every implementation.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement gossip mixing")
+
     @abstractmethod
     def worker_numel(self, tensor: torch.Tensor) -> int:
         """Number of elements one worker holds in ``tensor``."""

@@ -29,6 +29,18 @@ class CommLedger:
     bytes_by_tag: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     syncs_by_tag: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     collectives: int = 0
+    bytes_by_link: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def record_link(self, src: int, dst: int, nbytes: int) -> None:
+        """Point-to-point traffic from worker ``src`` to worker ``dst`` (gossip)."""
+        self.bytes_by_link[f"{src}->{dst}"] += int(nbytes)
+
+    def bytes_by_worker(self) -> dict[int, int]:
+        """Bytes each worker sent point to point (from ``bytes_by_link``)."""
+        out: dict[int, int] = defaultdict(int)
+        for link, n in self.bytes_by_link.items():
+            out[int(link.split("->")[0])] += n
+        return dict(out)
 
     def record(self, tag: str, nbytes: int) -> None:
         self.bytes_by_tag[tag] += int(nbytes)
@@ -58,12 +70,14 @@ class CommLedger:
             "bytes_by_tag": dict(self.bytes_by_tag),
             "syncs_by_tag": dict(self.syncs_by_tag),
             "collectives": self.collectives,
+            "bytes_by_link": dict(self.bytes_by_link),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bytes_by_tag = defaultdict(int, state["bytes_by_tag"])
         self.syncs_by_tag = defaultdict(int, state["syncs_by_tag"])
         self.collectives = int(state["collectives"])
+        self.bytes_by_link = defaultdict(int, state.get("bytes_by_link", {}))
 
     def summary(self) -> dict[str, Any]:
         return {"total_bytes": self.total_bytes, **self.state_dict()}

@@ -15,6 +15,15 @@ from desloc.comm.base import Communicator
 from desloc.comm.ledger import CommLedger
 
 
+def mix_rows(stacked_or_list, row: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """sum_j w_j x_j over ``row`` in ascending j (shared by both communicators)."""
+    (j0, w0), *rest = sorted(row)
+    acc = stacked_or_list[j0] * w0
+    for j, w in rest:
+        acc = acc + stacked_or_list[j] * w
+    return acc
+
+
 class SimulatedComm(Communicator):
     """In-process communicator for ``world_size`` stacked workers."""
 
@@ -44,6 +53,25 @@ class SimulatedComm(Communicator):
             self.ledger.record(tag, self.payload_bytes(tensor))
             mean = tensor.sum(dim=0, keepdim=True).div_(self.world_size)
             tensor.copy_(mean.expand_as(tensor))
+        self.ledger.record_collective(1)
+
+    def mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
+            neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:
+        self._check_args(tensors, tags)
+        if len(neighbours) != self.world_size:
+            raise ValueError(f"mix needs one neighbour list per worker ({self.world_size}), got {len(neighbours)}")
+        if not tensors:
+            return
+        links = [(j, i) for i, row in enumerate(neighbours) for j, w in row if j != i and w > 0]
+        for tensor, tag in zip(tensors, tags):
+            self._check_stacked(tensor)
+            nbytes = self.payload_bytes(tensor)
+            # per-worker mean of what was sent (equal for every worker on regular topologies)
+            self.ledger.record(tag, nbytes * len(links) // self.world_size)
+            for src, dst in links:
+                self.ledger.record_link(src, dst, nbytes)
+            mixed = torch.stack([mix_rows(tensor, row) for row in neighbours])
+            tensor.copy_(mixed)
         self.ledger.record_collective(1)
 
     def _check_stacked(self, tensor: torch.Tensor) -> None:

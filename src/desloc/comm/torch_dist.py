@@ -8,10 +8,10 @@ NCCL when CUDA is available, gloo otherwise; multi-node runs work as torchrun se
 ``bucket_bytes``, issues one SUM all-reduce per bucket, divides by the world size and copies
 back. SUM-then-divide (not ``ReduceOp.AVG``) keeps the numerics identical to the simulator.
 The flat bucket lives in a buffer kept per (dtype, device) and reused by every call (at most
-``bucket_bytes``, or the largest tensor, per kind); the division is done while copying back.
-A fresh buffer per call page-faulted its memory in on every sync, and a separate ``div_`` pass
-cost one more trip through memory: together they made a 20 MiB sync over 4 gloo processes
-1.4x a bare all-reduce of the same bytes (``benchmarks/sync_cost.py``).
+``bucket_bytes``, or the largest tensor, per kind), and the division is done while copying back
+(the same ``div`` on the same values, so bitwise the same result): a fresh buffer per call
+page-faulted its memory in on every sync and a separate ``div_`` pass cost one more trip
+through memory (``benchmarks/sync_cost.py``, ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -129,3 +129,43 @@ class TorchDistComm(Communicator):
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._flat_buffers[key] = buf
         return buf[:numel]
+
+    def mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
+            neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:
+        """Gossip point to point: send to every worker that mixes us in, receive from ours.
+
+        One flat buffer per call; ``batch_isend_irecv`` with each peer (never a global
+        collective). The weighted sum uses :func:`desloc.comm.simulated.mix_rows`, the same
+        arithmetic as the simulator, so the results agree bit for bit.
+        """
+        from desloc.comm.simulated import mix_rows
+
+        self._check_args(tensors, tags)
+        if len(neighbours) != self.world_size:
+            raise ValueError(f"mix needs one neighbour list per worker ({self.world_size}), got {len(neighbours)}")
+        if not tensors:
+            return
+        me = self.rank
+        row = sorted(neighbours[me])
+        recv_from = [j for j, w in row if j != me and w > 0]
+        send_to = [i for i, r in enumerate(neighbours) if i != me and any(j == me and w > 0 for j, w in r)]
+        for tensor, tag in zip(tensors, tags):
+            nbytes = self.payload_bytes(tensor)
+            self.ledger.record(tag, nbytes * len(send_to))
+            for dst in send_to:
+                self.ledger.record_link(me, dst, nbytes)
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        received = {j: torch.empty_like(flat) for j in recv_from}
+        peer = (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
+        ops = [dist.P2POp(dist.isend, flat, peer(dst), group=self.group) for dst in send_to]
+        ops += [dist.P2POp(dist.irecv, received[j], peer(j), group=self.group) for j in recv_from]
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        mixed = mix_rows({me: flat, **received}, row)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(mixed[offset : offset + n].view_as(t))
+            offset += n
+        self.ledger.record_collective(1)

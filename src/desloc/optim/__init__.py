@@ -9,12 +9,14 @@ import torch
 
 from desloc.errors import ConfigError
 from desloc.optim.adopt import ADOPT
+from desloc.optim.mtdao import MTDAO
+from desloc.optim.mtdao import state_roles as mtdao_state_roles
 
 # Optimizers whose update of one coordinate reads only that coordinate (and shared scalars),
 # so one instance over worker-stacked tensors equals M independent instances.
 _ELEMENTWISE = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
-    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta, ADOPT,
+    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta, ADOPT, MTDAO,
 )
 _EXTRA_ELEMENTWISE: list[type] = []
 
@@ -31,7 +33,11 @@ def is_elementwise(opt: torch.optim.Optimizer) -> bool:
 
 @dataclass
 class InnerConfig:
-    """Inner optimizer. ``name``: adamw | sgdm | adopt."""
+    """Inner optimizer. ``name``: adamw | sgdm | adopt | mtdao (ADOPT flavour) | mtdao-adam.
+
+    mt_betas, mt_omegas: MT-DAO's first-momentum decays beta_j and mixing weights omega_j
+    (N = len(mt_betas)); beta1 is unused by mtdao.
+    """
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -40,6 +46,8 @@ class InnerConfig:
     eps: float | None = None  # None: 1e-8 for adamw, 1e-6 for adopt
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgdm only
+    mt_betas: tuple[float, ...] = (0.9, 0.99)  # mtdao only
+    mt_omegas: tuple[float, ...] = (0.45, 0.45)  # mtdao only
 
     def __post_init__(self) -> None:
         if self.name not in INNER_OPTIMIZERS:
@@ -53,10 +61,14 @@ class InnerConfig:
                 raise ConfigError(f"inner {field} must be in [0, 1), got {val}")
         if self.weight_decay < 0:
             raise ConfigError(f"inner weight_decay must be >= 0, got {self.weight_decay}")
+        adopt_like = self.name in ("adopt", "mtdao")
         if self.beta2 is None:
-            self.beta2 = 0.9999 if self.name == "adopt" else 0.999
+            self.beta2 = 0.9999 if adopt_like else 0.999
         if self.eps is None:
-            self.eps = 1e-6 if self.name == "adopt" else 1e-8
+            self.eps = 1e-6 if adopt_like else 1e-8
+        self.mt_betas, self.mt_omegas = tuple(self.mt_betas), tuple(self.mt_omegas)
+        if self.name.startswith("mtdao"):
+            self.build([torch.zeros(1)])  # MTDAO validates betas/omegas with named errors
 
     def build(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
         if self.name == "adamw":
@@ -65,12 +77,18 @@ class InnerConfig:
         if self.name == "adopt":
             return ADOPT(params, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
                          weight_decay=self.weight_decay)
+        if self.name.startswith("mtdao"):
+            return MTDAO(params, lr=self.lr, betas=self.mt_betas, omegas=self.mt_omegas, beta2=self.beta2,
+                         eps=self.eps, weight_decay=self.weight_decay,
+                         flavour="adam" if self.name == "mtdao-adam" else "adopt")
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def state_roles(self) -> dict[str, str]:
         """Which states are first moments (``u``) and second moments (``v``)."""
         if self.name == "sgdm" and self.momentum == 0:
             return {}  # plain SGD keeps no momentum buffer
+        if self.name.startswith("mtdao"):
+            return mtdao_state_roles(len(self.mt_betas))
         return INNER_OPTIMIZERS[self.name]
 
 
@@ -78,6 +96,8 @@ INNER_OPTIMIZERS: dict[str, dict[str, str]] = {
     "adamw": {"exp_avg": "u", "exp_avg_sq": "v"},
     "adopt": {"exp_avg": "u", "exp_avg_sq": "v"},
     "sgdm": {"momentum_buffer": "u"},
+    "mtdao": {},  # roles depend on N: see InnerConfig.state_roles
+    "mtdao-adam": {},
 }
 
-__all__ = ["ADOPT", "InnerConfig", "INNER_OPTIMIZERS", "is_elementwise", "register_elementwise"]
+__all__ = ["ADOPT", "MTDAO", "InnerConfig", "INNER_OPTIMIZERS", "is_elementwise", "register_elementwise"]

@@ -1,0 +1,135 @@
+"""GASLoC: gossip with a local outer step; reductions, mixing, slow workers, naive reference."""
+
+import pytest
+import torch
+
+from desloc import ConfigError, InnerConfig, MethodConfig, SimulatedComm, build_method
+from desloc.topology import TOPOLOGIES, matrix, mixing, spectral_gap
+
+M, N = 4, 6
+
+
+def grads(steps, m=M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, N, generator=g, dtype=torch.float64) for _ in range(steps)]
+
+
+def run(cfg, steps=12, m=M, inner="adamw", gs=None, lr=0.05):
+    x = torch.linspace(-1, 1, N, dtype=torch.float64).repeat(m, 1)
+    ic = InnerConfig(inner, lr=lr, momentum=0.0 if inner == "sgdm" else 0.9)
+    opt = build_method(cfg, ic.build([x]), SimulatedComm(m), ic.state_roles())
+    for g in (gs or grads(steps, m))[:steps]:
+        x.grad = g.clone()
+        opt.step()
+    return x, opt
+
+
+@pytest.mark.parametrize("kind", TOPOLOGIES)
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8])
+def test_every_mixing_matrix_is_doubly_stochastic_and_symmetric(kind, m):
+    for r in range(6):
+        w = matrix(mixing(kind, m, r, seed=7))
+        ones = torch.ones(m, dtype=torch.float64)
+        torch.testing.assert_close(w.sum(0), ones)
+        torch.testing.assert_close(w.sum(1), ones)
+        assert (w >= 0).all() and torch.equal(w, w.T)
+
+
+def test_random_topologies_vary_by_round_and_agree_across_workers():
+    rounds = [matrix(mixing("one-peer", 8, r, seed=1)) for r in range(5)]
+    assert any(not torch.equal(rounds[0], w) for w in rounds[1:])  # time-varying
+    assert torch.equal(matrix(mixing("one-peer", 8, 3, seed=1)), rounds[3])  # deterministic
+    one = matrix(mixing("one-peer", 8, 0))
+    assert ((one > 0).sum(1) == 2).all()  # exactly one peer each
+    two = matrix(mixing("two-peer", 8, 0))
+    assert ((two > 0).sum(1) == 3).all()  # exactly two peers each
+    assert spectral_gap(matrix(mixing("complete", 8, 0))) == pytest.approx(1.0)
+
+
+def test_one_pairwise_exchange_averages_the_pair_exactly():
+    comm = SimulatedComm(2)
+    x = torch.randn(2, 9, dtype=torch.float32)
+    before = x.clone()
+    comm.mix([x], ["params"], mixing("one-peer", 2, 0))
+    expected = (before[0] + before[1]) / 2
+    assert torch.equal(x[0], expected) and torch.equal(x[1], expected)
+    assert comm.ledger.bytes_by_link == {"1->0": 36, "0->1": 36}
+    assert comm.ledger.bytes_by_tag["params"] == 36  # per worker
+
+
+def test_complete_graph_is_diloco():
+    """The outer step is linear, so complete-graph gossip equals DiLoCo (to float rounding)."""
+    gs = grads(12)
+    x_g, _ = run(MethodConfig("gasloc", period_x=3, topology="complete"), gs=gs)
+    x_d, _ = run(MethodConfig("diloco", period_x=3), gs=gs)
+    torch.testing.assert_close(x_g, x_d, rtol=1e-12, atol=1e-13)
+
+
+def test_no_peers_is_independent_local_training():
+    gs = grads(12)
+    x, opt = run(MethodConfig("gasloc", period_x=3, topology="none"), gs=gs)
+    assert opt.comm.ledger.total_bytes == 0
+    for w in range(M):  # each worker alone == a one-worker run on its own gradients
+        alone, _ = run(MethodConfig("gasloc", period_x=3, topology="none"), m=1, gs=[g[w:w + 1] for g in gs])
+        assert torch.equal(x[w], alone[0])
+    # ... and with an identity outer step (lr 1, momentum 0) it is plain local Adam
+    x_id, _ = run(MethodConfig("gasloc", period_x=3, topology="none", outer="sgd", outer_lr=1.0,
+                               outer_momentum=0.0), gs=gs)
+    x0 = torch.linspace(-1, 1, N, dtype=torch.float64).repeat(M, 1)
+    local = torch.optim.AdamW([x0], lr=0.05, weight_decay=0.0)
+    for g in gs:
+        x0.grad = g.clone()
+        local.step()
+    torch.testing.assert_close(x_id, x0, rtol=1e-12, atol=1e-13)
+
+
+def naive_gasloc(gs, topology, H, lr, eta, mu, steps, local_steps=None, seed=0):
+    """Python lists, inner SGD (no momentum), Nesterov outer step per worker, explicit gossip."""
+    xs = [torch.linspace(-1, 1, N, dtype=torch.float64) for _ in range(M)]
+    xbar = [x.clone() for x in xs]
+    bufs = [None] * M
+    hs = local_steps or [H] * M
+    for t in range(steps):
+        for i in range(M):
+            if t % H < hs[i]:
+                xs[i] = xs[i] - lr * gs[t][i]
+        if (t + 1) % H == 0:
+            for i in range(M):
+                delta = xbar[i] - xs[i]
+                bufs[i] = delta.clone() if bufs[i] is None else mu * bufs[i] + delta
+                xbar[i] = xbar[i] - eta * (delta + mu * bufs[i])
+            w = matrix(mixing(topology, M, (t + 1) // H - 1, seed))
+            xbar = [sum(w[i, j] * xbar[j] for j in range(M)) for i in range(M)]
+            xs = [b.clone() for b in xbar]
+    return torch.stack(xs)
+
+
+@pytest.mark.parametrize("topology", ["one-peer", "two-peer", "ring"])
+@pytest.mark.parametrize("local_steps", [None, [3, 3, 1, 2]])
+def test_matches_naive_reference(topology, local_steps):
+    gs = grads(15, seed=4)
+    cfg = MethodConfig("gasloc", period_x=3, topology=topology, local_steps=local_steps, gossip_seed=2)
+    x, _ = run(cfg, steps=15, inner="sgdm", gs=gs, lr=0.1)
+    ref = naive_gasloc(gs, topology, 3, 0.1, 0.7, 0.9, 15, local_steps, seed=2)
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_slow_worker_is_idle_after_its_local_steps():
+    gs = grads(2)
+    cfg = MethodConfig("gasloc", period_x=4, local_steps=[4, 4, 4, 1])
+    x, opt = run(cfg, steps=1, gs=gs)
+    after_one = x.clone()
+    state = {k: v.clone() for k, v in opt.inner.state[x].items()}
+    x.grad = gs[1].clone()
+    opt.step()  # position 1 of the round: worker 3 sits out
+    assert torch.equal(x[3], after_one[3]) and not torch.equal(x[0], after_one[0])
+    assert torch.equal(opt.inner.state[x]["exp_avg"][3], state["exp_avg"][3])
+
+
+def test_bad_gasloc_config():
+    with pytest.raises(ConfigError, match="unknown topology"):
+        MethodConfig("gasloc", topology="star")
+    with pytest.raises(ConfigError, match=r"local_steps \(H_i\)"):
+        MethodConfig("gasloc", period_x=4, local_steps=[4, 5])
+    with pytest.raises(ConfigError, match="needs 4 integers"):
+        run(MethodConfig("gasloc", period_x=3, local_steps=[3, 3]))
