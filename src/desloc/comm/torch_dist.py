@@ -9,9 +9,10 @@ NCCL when CUDA is available, gloo otherwise; multi-node runs work as torchrun se
 back. SUM-then-divide (not ``ReduceOp.AVG``) keeps the numerics identical to the simulator.
 The flat bucket lives in a buffer kept per (dtype, device) and reused by every call (at most
 ``bucket_bytes``, or the largest tensor, per kind), and the division is done while copying back
-(the same ``div`` on the same values, so bitwise the same result): a fresh buffer per call
-page-faulted its memory in on every sync and a separate ``div_`` pass cost one more trip
-through memory (``benchmarks/sync_cost.py``, ``benchmarks/README.md``).
+(the same ``div`` on the same values, so bitwise the same result). A fresh buffer per call is
+page-faulted in on every sync once it is too large for the C allocator to reuse (above glibc's
+32 MiB mmap threshold, always), and a separate ``div_`` pass is one more trip through memory
+(``benchmarks/sync_cost.py``; numbers in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
