@@ -49,3 +49,22 @@ def test_default_toy_reproduces_convergence_and_reset_stall():
     final = {m: run_method(cfg, m)["final_distance"] for m in ("desloc", "local-adam", "reset-states")}
     assert final["desloc"] < 0.05 and final["local-adam"] < 0.05
     assert final["reset-states"] > 0.2
+
+
+@pytest.mark.parametrize("spec,bytes_per_round", [
+    ("diloco", 16), ("desloc+nesterov", None), ("gasloc@one-peer", 16), ("gasloc@two-peer", 32),
+    ("mtdao", 4 * 16),  # params, two momenta and v, all every K_x for mtdao
+])
+def test_new_methods_run_in_the_toy(spec, bytes_per_round):
+    cfg = ToyConfig(workers=8, steps=64, period_x=16, period_u=16, period_v=32, methods=(spec,))
+    res = run_method(cfg, spec)
+    assert res["final_distance"] < 10 and res["bytes_sent"] > 0
+    if bytes_per_round is not None:
+        assert res["bytes_sent"] == 4 * bytes_per_round  # 4 rounds of 16 steps, 2 float64 = 16 bytes
+
+
+def test_toy_rejects_bad_method_spec():
+    from desloc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown method 'gossip'"):
+        ToyConfig(methods=("gossip@ring",))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from desloc.algorithms import parse_method_spec
 from desloc.errors import CheckpointMismatchError, ConfigError
 
 
@@ -38,18 +39,6 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def parse_method_spec(spec: str) -> dict[str, Any]:
-    """``name[+outer][@topology]``, e.g. ``desloc+nesterov`` or ``gasloc@two-peer``."""
-    out: dict[str, Any] = {}
-    name = spec
-    if "@" in name:
-        name, out["topology"] = name.split("@", 1)
-    if "+" in name:
-        name, out["outer"] = name.split("+", 1)
-    out["name"] = name
-    return out
-
-
 def _add_toy(sub: argparse._SubParsersAction) -> None:
     from desloc.toy import DEFAULT_METHODS, ToyConfig
 
@@ -66,7 +55,10 @@ def _add_toy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kx", type=_period, default=d.period_x, help="K_x (also local-adam's K)")
     p.add_argument("--ku", type=_period, default=d.period_u, help="K_u for desloc")
     p.add_argument("--kv", type=_period, default=d.period_v, help="K_v for desloc")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated methods; also diloco, gasloc[@topology], mtdao, desloc+nesterov")
+    p.add_argument("--mt-betas", type=_float_list, default=d.mt_betas, help="mtdao momentum decays")
+    p.add_argument("--mt-omegas", type=_float_list, default=d.mt_omegas, help="mtdao mixing weights")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/toy-<time>)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -78,7 +70,8 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
     cfg = ToyConfig(workers=args.workers, sigma=args.sigma, steps=args.steps, lr=args.lr,
                     beta1=args.beta1, beta2=args.beta2, period_x=args.kx, period_u=args.ku,
-                    period_v=args.kv, seed=args.seed,
+                    period_v=args.kv, seed=args.seed, mt_betas=tuple(args.mt_betas),
+                    mt_omegas=tuple(args.mt_omegas),
                     methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     out = args.out or _default_out("toy")
     record = run_toy(cfg, out, progress=sys.stderr.isatty())

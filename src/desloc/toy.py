@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from desloc.algorithms import METHODS, MethodConfig, build_method
+from desloc.algorithms import MethodConfig, build_method, parse_method_spec
 from desloc.comm import SimulatedComm
 from desloc.errors import ConfigError
 from desloc.optim import InnerConfig
@@ -55,6 +55,8 @@ class ToyConfig:
     seed: int = 0
     methods: tuple[str, ...] = DEFAULT_METHODS
     tail_rounds: int = 5  # rounds over which oscillation is measured
+    mt_betas: tuple[float, ...] = (0.9, 0.99)  # mtdao's momenta (Adam flavour, beta2 as above)
+    mt_omegas: tuple[float, ...] = (0.45, 0.45)
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -63,16 +65,23 @@ class ToyConfig:
             raise ConfigError(f"toy steps must be >= 1, got {self.steps}")
         if self.sigma < 0:
             raise ConfigError(f"toy sigma (gradient noise std) must be >= 0, got {self.sigma}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
         self.methods = tuple(self.methods)
+        for spec in self.methods:
+            parse_method_spec(spec)  # raises ConfigError naming the bad one
+        self.mt_betas, self.mt_omegas = tuple(self.mt_betas), tuple(self.mt_omegas)
         self.start = tuple(float(v) for v in self.start)  # type: ignore[assignment]
 
-    def method_config(self, name: str) -> MethodConfig:
-        if name == "desloc":
-            return MethodConfig(name, self.period_x, self.period_u, self.period_v)
-        return MethodConfig(name, self.period_x)
+    def method_config(self, spec: str) -> MethodConfig:
+        fields = parse_method_spec(spec)
+        if fields["name"] == "desloc":
+            return MethodConfig(period_x=self.period_x, period_u=self.period_u, period_v=self.period_v, **fields)
+        return MethodConfig(period_x=self.period_x, **fields)
+
+    def inner_config(self, spec: str) -> InnerConfig:
+        if parse_method_spec(spec)["name"] == "mtdao":
+            return InnerConfig("mtdao-adam", lr=self.lr, beta2=self.beta2, mt_betas=self.mt_betas,
+                               mt_omegas=self.mt_omegas)
+        return InnerConfig("adamw", lr=self.lr, beta1=self.beta1, beta2=self.beta2, weight_decay=0.0)
 
 
 def run_method(cfg: ToyConfig, name: str) -> dict[str, Any]:
@@ -80,7 +89,7 @@ def run_method(cfg: ToyConfig, name: str) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.tensor(cfg.start, dtype=torch.float64).repeat(cfg.workers, 1)
     comm = SimulatedComm(cfg.workers)
-    inner_cfg = InnerConfig("adamw", lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, weight_decay=0.0)
+    inner_cfg = cfg.inner_config(name)
     opt = build_method(cfg.method_config(name), inner_cfg.build([x]), comm, inner_cfg.state_roles())
     optimum = torch.tensor(OPTIMUM, dtype=torch.float64)
     distance = []

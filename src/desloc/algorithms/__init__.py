@@ -204,6 +204,21 @@ METHODS: dict[str, tuple[Builder, str]] = {
 }
 
 
+def parse_method_spec(spec: str) -> dict[str, Any]:
+    """``name[+outer][@topology]`` -> MethodConfig fields, e.g. ``desloc+nesterov``, ``gasloc@two-peer``."""
+    out: dict[str, Any] = {}
+    name = spec
+    if "@" in name:
+        name, out["topology"] = name.split("@", 1)
+    if "+" in name:
+        name, out["outer"] = name.split("+", 1)
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r} in {spec!r}; choose from {sorted(METHODS)}, "
+                          "optionally with +nesterov / +sgd (outer) or @<topology> (gasloc)")
+    out["name"] = name
+    return out
+
+
 def build_method(
     cfg: MethodConfig,
     inner: torch.optim.Optimizer,
@@ -218,4 +233,4 @@ def build_method(
     return opt
 
 
-__all__ = ["DDP", "DesLoc", "GasLoc", "LocalOptimizer", "METHODS", "MethodConfig", "build_method"]
+__all__ = ["parse_method_spec", "DDP", "DesLoc", "GasLoc", "LocalOptimizer", "METHODS", "MethodConfig", "build_method"]
