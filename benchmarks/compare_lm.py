@@ -7,7 +7,7 @@ gives the measured ratio vs DDP. Run directories (with checkpoints) go to --work
 (compare.json, compare.md, compare.png, each run's summary and metrics, and compare_lm.json with
 the targets) are copied to benchmarks/results/compare_lm/.
 
-    python benchmarks/compare_lm.py [--steps 256] [--seeds 0,1,2] [--quick]
+    python benchmarks/compare_lm.py [--steps 128] [--k 8] [--batch-size 4] [--seeds 0,1,2] [--quick]
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def desloc(*args: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=256)
-    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/desloc-compare-lm"))
@@ -45,9 +46,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps, args.seeds, args.methods = 32, "0", "ddp,desloc"
-    common = ["--model", "tiny", "--workers", "4", "--batch-size", "8", "--seq-len", "128",
+    common = ["--model", "tiny", "--workers", "4", "--batch-size", str(args.batch_size), "--seq-len", "128",
               "--lr", "3e-3", "--steps", str(args.steps), "--eval-every", str(args.steps // 8),
-              "--eval-batches", "16", "--ckpt-every", str(args.steps)]
+              "--eval-batches", "8", "--ckpt-every", str(args.steps)]
     t0 = time.time()
     desloc("compare", *common, "--kx", str(args.k), "--methods", args.methods, "--seeds", args.seeds,
            "--out", str(args.workdir / "compare"))

@@ -190,6 +190,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume keeps the run's settings; these flags change {changed}. "
                               "Drop them, or start a new run with another --out")
     else:
+        import os
+
+        if "WORLD_SIZE" in os.environ and not hasattr(args, "workers"):
+            args.workers = int(os.environ["WORLD_SIZE"])  # under torchrun: one worker per process
         cfg = _train_config(args)
     out = args.out or _default_out("train")
     summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)

@@ -42,17 +42,17 @@ class TrainConfig:
     model: str = "tiny"  # preset
     model_overrides: dict[str, Any] = field(default_factory=dict)
     workers: int = 4  # M (the simulator's; under torchrun the world size must match or be 0)
-    steps: int = 512
+    steps: int = 300
     batch_size: int = 16  # sequences per worker per step
     seq_len: int | None = None  # default: the model's block_size
     schedule: str = "cosine"
     warmup_steps: int | None = None  # None: min(100, steps // 10)
     min_lr_ratio: float = 0.1
     wsd_decay_fraction: float = 0.2
-    eval_every: int = 64
+    eval_every: int = 50
     eval_batches: int = 8
-    log_every: int = 8
-    ckpt_every: int = 128
+    log_every: int = 10
+    ckpt_every: int = 100
     seed: int = 0
     backend: str = "auto"
     bf16: bool = False
