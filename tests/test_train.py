@@ -92,7 +92,8 @@ def test_records_have_every_field(sim_run):
     assert metrics[-1]["val_loss"] == summary["final_val_loss"]
     assert metrics[0]["train_loss"] > metrics[-1]["train_loss"]  # it learns
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == {"name": "desloc", "period_x": 4, "period_u": 12, "period_v": 24, "clip_rho": None}
+    assert {k: config["method"][k] for k in ("name", "period_x", "period_u", "period_v", "clip_rho", "outer")} == \
+        {"name": "desloc", "period_x": 4, "period_u": 12, "period_v": 24, "clip_rho": None, "outer": None}
     for png in ("loss.png", "loss_vs_bytes.png"):
         assert (out / png).stat().st_size > 1000
     assert json.loads(proc.stdout)["method"] == "desloc"
@@ -212,3 +213,12 @@ def test_compare_writes_table_json_and_plot(tmp_path, env):
     assert "| desloc |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 1000
     assert "| ddp |" in proc.stdout
+
+
+def test_bf16_autocast_trains(tmp_path, env, monkeypatch):
+    monkeypatch.setenv("DESLOC_CACHE", env["DESLOC_CACHE"])
+    import math
+
+    summary = train(_cfg(steps=4, bf16=True), tmp_path / "bf16", progress=False)
+    assert math.isfinite(summary["final_val_loss"])
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["bf16"] is True

@@ -92,7 +92,10 @@ class TrainConfig:
         return self.seq_len or self.model_config().block_size
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON types (tuples become lists), as written to and read from config.json."""
+        import json
+
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
