@@ -17,6 +17,13 @@ from __future__ import annotations
 import torch
 
 
+def adopt_normalize(grad: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, eps: float) -> torch.Tensor:
+    """n = clamp(g / max(sqrt(v), eps), -t^(1/4), t^(1/4)), a new tensor (v from the previous step)."""
+    normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)
+    bound = step**0.25
+    return normed.clamp_(-bound, bound)
+
+
 def adopt_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -33,9 +40,7 @@ def adopt_update(
     if step == 0:
         exp_avg_sq.copy_(grad * grad)
         return
-    normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)
-    bound = step**0.25
-    normed.clamp_(-bound, bound)
+    normed = adopt_normalize(grad, exp_avg_sq, step, eps)
     exp_avg.mul_(beta1).add_(normed, alpha=1 - beta1)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)

@@ -63,6 +63,7 @@ from collections.abc import Sequence
 import torch
 
 from desloc.errors import ConfigError
+from desloc.optim.adopt import adopt_normalize
 
 FLAVOURS = ("adopt", "adam")
 _BETA2 = {"adopt": 0.9999, "adam": 0.999}
@@ -96,9 +97,7 @@ def mtdao_adopt_update(
     if step == 0:
         exp_avg_sq.copy_(grad * grad)
         return
-    normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)
-    bound = step**0.25
-    normed.clamp_(-bound, bound)
+    normed = adopt_normalize(grad, exp_avg_sq, step, eps)
     for u, beta in zip(exp_avgs, betas):
         u.mul_(beta).add_(normed, alpha=1 - beta)
     direction = _mix(normed, exp_avgs, omegas, max(0.0, 1.0 - sum(omegas)))
