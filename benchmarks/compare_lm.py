@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-OUT = ROOT / "results" / "compare_lm"
+RESULTS = ROOT / "results"
 METHODS = ["ddp", "local-adam", "desloc", "keep-states", "reset-states", "diloco", "desloc+nesterov",
            "mtdao", "gasloc@one-peer", "gasloc@two-peer"]
 
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/desloc-compare-lm"))
     ap.add_argument("--quick", action="store_true", help="2 methods, 1 seed, 32 steps")
+    ap.add_argument("--record", default="compare_lm", help="results/<record>/ receives the records")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.seeds, args.methods = 32, "0", "ddp,desloc"
@@ -61,6 +62,7 @@ def main() -> None:
                "--ckpt-every", "1536", "--out", str(ratio_dir))
     ratio = json.loads((ratio_dir / "summary.json").read_text())
 
+    OUT = RESULTS / args.record
     record = json.loads((args.workdir / "compare" / "compare.json").read_text())
     table = record["methods"]
     OUT.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def main() -> None:
                     "cpu": _cpu(), "threads": torch.get_num_threads()},
         "wall_time_s": time.time() - t0,
     }
-    (OUT / "compare_lm.json").write_text(json.dumps(out, indent=2))
+    (OUT / f"{args.record}.json").write_text(json.dumps(out, indent=2))
     print(json.dumps({"findings": findings, "ratio_at_256": out["ratio_at_256"]}, indent=2))
 
 
