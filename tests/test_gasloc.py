@@ -133,3 +133,12 @@ def test_bad_gasloc_config():
         MethodConfig("gasloc", period_x=4, local_steps=[4, 5])
     with pytest.raises(ConfigError, match="needs 4 integers"):
         run(MethodConfig("gasloc", period_x=3, local_steps=[3, 3]))
+
+
+def test_summary_reports_bytes_per_link_and_worker():
+    _, opt = run(MethodConfig("gasloc", period_x=3, topology="two-peer"), steps=6)
+    summary = opt.comm_summary()
+    per_link = N * 8  # float64, one tensor per round
+    assert set(summary["bytes_by_worker"]) == set(range(M))
+    assert all(b == 2 * 2 * per_link for b in summary["bytes_by_worker"].values())  # 2 rounds x 2 peers
+    assert sum(summary["bytes_by_link"].values()) == M * summary["bytes_sent"]

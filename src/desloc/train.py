@@ -280,6 +280,7 @@ def _summary(cfg, opt, workers, backend, steps, val_loss, elapsed, n_params, tok
         "ddp_equivalent_bytes": comm["ddp_equivalent_bytes"], "ratio_vs_ddp": comm["ratio_vs_ddp"],
         "wall_time_s": elapsed, "tokens_per_s": steps * tokens_per_step / max(elapsed, 1e-9),
         "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
+        **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
         "seed": cfg.seed,
     }
 

@@ -159,10 +159,14 @@ class LocalOptimizer(torch.optim.Optimizer):
     def comm_summary(self) -> dict[str, Any]:
         ledger = self.comm.ledger
         ddp = self.ddp_equivalent_bytes()
-        return {
+        summary = {
             "bytes_sent": ledger.total_bytes,
             "bytes_by_state": ledger.method_bytes_by_tag,
             "collectives": ledger.collectives,
             "ddp_equivalent_bytes": ddp,
             "ratio_vs_ddp": (ddp / ledger.total_bytes) if ledger.total_bytes else float("inf"),
         }
+        if ledger.bytes_by_link:  # gossip: point-to-point traffic (this process's links)
+            summary["bytes_by_link"] = dict(ledger.bytes_by_link)
+            summary["bytes_by_worker"] = ledger.bytes_by_worker()
+        return summary
