@@ -1,7 +1,9 @@
 """`desloc compare`: several methods (and seeds) on the same data, model and token budget.
 
-Each (method, seed) is an ordinary training run in ``<out>/<method>-s<seed>/``; finished runs are
-skipped when the command is repeated, so an interrupted comparison resumes. The aggregate goes to
+Each (method, seed) is an ordinary training run in ``<out>/<method>-s<seed>/``. Repeating the
+command reuses a finished run and resumes an interrupted one, but only when the run's resolved
+config equals the requested one; a run made with other settings is an error (never reported as
+if it were the requested one) unless ``overwrite`` reruns it. The aggregate goes to
 ``compare.json`` (every run's summary, plus mean and spread per method), ``compare.md`` (a table)
 and ``compare.png`` (validation loss vs step and vs bytes sent, mean over seeds). This is the
 analogue of the DES-LOC paper's Figure 4.
@@ -9,12 +11,13 @@ analogue of the DES-LOC paper's Figure 4.
 
 from __future__ import annotations
 
-import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from desloc.records import RunDir, atomic_write_bytes, atomic_write_json
+from desloc.errors import Interrupted, RunDirError
+from desloc.records import RunDir, atomic_write_bytes, atomic_write_json, config_diff
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -87,10 +90,28 @@ def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title
     plt.close(fig)
 
 
-def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seeds: list[int],
-                out: str | Path, progress: bool | None = None, reference: str = "local-adam") -> dict[str, Any]:
-    """``base_config(method, seed)`` returns the TrainConfig of one run."""
+def _run_one(cfg: Any, run: RunDir, overwrite: bool, progress: bool | None) -> dict[str, Any]:
+    """Train one comparison run, or reuse / resume it if it was made with exactly ``cfg``."""
     from desloc.train import train
+
+    if overwrite or not run.contents():
+        return train(cfg, run.path, progress=progress, overwrite=overwrite)
+    saved = run.read_config() if (run.path / "config.json").exists() else {}
+    diff = config_diff(saved, cfg.to_dict())
+    if diff:
+        shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        raise RunDirError(f"{run.path} holds a run with other settings ({shown}); compare reuses a run only if "
+                          "its settings are identical: choose another --out, or pass --overwrite to rerun it")
+    summary = run.read_summary()
+    if summary is not None and summary.get("status", "complete") == "complete" and summary.get("steps") == cfg.steps:
+        return summary
+    return train(cfg, run.path, resume=True, progress=progress)
+
+
+def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seeds: list[int],
+                out: str | Path, progress: bool | None = None, reference: str = "local-adam",
+                overwrite: bool = False) -> dict[str, Any]:
+    """``base_config(method, seed)`` returns the TrainConfig of one run."""
 
     out = Path(out)
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -102,15 +123,12 @@ def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seed
             cfg = base_config(method, seed)
             configs[method] = cfg.to_dict()
             run = RunDir(out / f"{method}-s{seed}")
-            done = run.path / "summary.json"
-            if done.exists():
-                summary = json.loads(done.read_text())
-            else:
-                resume = (run.path / "config.json").exists()
-                summary = train(cfg, run.path, resume=resume, progress=progress)
-                import os
-
-                is_main = int(os.environ.get("RANK", "0")) == 0
+            try:
+                summary = _run_one(cfg, run, overwrite, progress)
+            except Interrupted as stop:
+                raise Interrupted(f"{stop}; or repeat the same desloc compare command to continue the "
+                                  "comparison", stop.signum, stop.step) from None
+            is_main = int(os.environ.get("RANK", "0")) == 0
             runs.setdefault(method, []).append(summary)
             curves.setdefault(method, []).append(run.read_metrics())
     table = aggregate(runs)
