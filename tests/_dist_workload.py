@@ -3,20 +3,26 @@
 Used by ``tests/test_gloo_equivalence.py`` and ``tests/test_resume.py``. Not a test module
 itself (the leading underscore keeps pytest from collecting it).
 
-* The model is a tiny MLP (4 -> 8 -> 1, tanh) built from a fixed seed, identical on every worker.
+* The model is a tiny MLP (4 -> 8 -> 1, tanh) built from a fixed seed, identical on every worker;
+  ``model="scalar"`` in the job adds a 0-dim parameter (a learned output scale), whose optimizer
+  states are 0-dim on torch.distributed, like Adam's ``step`` counter.
 * Worker ``m`` at global step ``t`` trains on a batch drawn from a ``torch.Generator`` seeded by
   ``(seed, m, t)``: every worker sees different (non-IID: shifted by ``m``) data, and a resumed run
   sees exactly the batches the uninterrupted run saw.
 * A *job* lists (method, inner) combinations and what to do with each: ``"full"`` (train
   ``0..steps`` and snapshot), ``"save"`` (train ``0..save_at`` and write a checkpoint) and/or
   ``"resume"`` (load that checkpoint into freshly built objects, train ``save_at..steps``,
-  snapshot). :func:`run_job_sim` runs a job on :class:`~desloc.SimulatedComm`;
+  snapshot). Optional job keys: ``model`` ("mlp" or "scalar"), ``bucket_bytes`` (the gloo
+  communicator's bucket size: small values split every all-reduce into several buckets) and
+  ``observer`` (after every step each rank also averages its loss through the communicator as
+  ``ProcessWorkers`` does for the logged metrics). :func:`run_job_sim` runs a job on :class:`~desloc.SimulatedComm`;
   :func:`spawn_ranks` runs it in ``world_size`` real processes on gloo with one
   ``torch.multiprocessing`` spawn for all combinations (spawning costs seconds, training
   milliseconds).
 
 A *snapshot* is ``{"params": {name: T}, "states": {"<param>.<state>": T}, "scalars":
-{"<param>.<state>": T}, "global_step": int, "ledger": dict}``; in the simulator ``T`` carries the
+{"<param>.<state>": T}, "global_step": int, "ledger": dict, "ledger_summary": dict}``; in the
+simulator ``T`` carries the
 workers on dim 0, in a rank it is that rank's tensor. :func:`stack_ranks` turns the per-rank
 snapshots into the simulator's layout so the two compare directly.
 """
@@ -90,10 +96,25 @@ def inner_config(inner: str) -> InnerConfig:
     return InnerConfig(inner, lr=0.05 if inner == "sgdm" else 0.01, weight_decay=0.01)
 
 
-def make_model(seed: int = SEED) -> nn.Module:
-    """The MLP, initialised from ``seed`` without touching the global RNG."""
+class ScaledMLP(nn.Module):
+    """The MLP times a learned 0-dim scale (a scalar parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.scale = nn.Parameter(torch.tensor(1.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
+def make_model(seed: int = SEED, kind: str = "mlp") -> nn.Module:
+    """The MLP (``kind="scalar"``: with a 0-dim scale), initialised from ``seed`` without
+    touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if kind == "scalar":
+            return ScaledMLP()
         return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
@@ -110,11 +131,16 @@ def _loss(model: nn.Module, seed: int, worker: int, step: int) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
 
 
+# Per-coordinate optimizer states, by name (every inner optimizer's declared state roles). Shapes
+# cannot tell them from scalar counters: a 0-dim parameter's moments are 0-dim on a rank.
+STATE_NAMES = frozenset(n for i in INNERS + ("mtdao", "mtdao-adam") for n in InnerConfig(i).state_roles())
+
+
 def _split_state(params: dict[str, torch.Tensor], opt) -> tuple[dict, dict]:
     states, scalars = {}, {}
     for name, p in params.items():
         for key, value in opt.inner.state[p].items():
-            if torch.is_tensor(value) and value.shape == p.shape:
+            if key in STATE_NAMES:
                 states[f"{name}.{key}"] = value.detach().clone()
             else:
                 scalars[f"{name}.{key}"] = value.detach().clone() if torch.is_tensor(value) else value
@@ -129,13 +155,15 @@ def _snapshot(params: dict[str, torch.Tensor], opt) -> dict[str, Any]:
         "scalars": scalars,
         "global_step": opt.global_step,
         "ledger": opt.comm.ledger.state_dict(),
+        "ledger_summary": opt.comm.ledger.summary(),
+        "buckets_reduced": getattr(opt.comm, "buckets_reduced", None),  # gloo: network all-reduces
     }
 
 
 # ------------------------------------------------------------------------------------ simulator
-def build_sim(method: str, inner: str, world_size: int, seed: int = SEED):
+def build_sim(method: str, inner: str, world_size: int, seed: int = SEED, model: str = "mlp"):
     comm = SimulatedComm(world_size)
-    replicas = StackedReplicas(make_model(seed), world_size)
+    replicas = StackedReplicas(make_model(seed, model), world_size)
     icfg = inner_config(inner)
     opt = build_method(method_config(method, world_size), icfg.build(replicas.parameters()), comm,
                        icfg.state_roles())
@@ -155,9 +183,10 @@ def snapshot_sim(replicas: StackedReplicas, opt) -> dict[str, Any]:
     return _snapshot(dict(replicas.named_parameters()), opt)
 
 
-def run_simulated(method: str, inner: str, world_size: int, steps: int = STEPS, seed: int = SEED) -> dict:
+def run_simulated(method: str, inner: str, world_size: int, steps: int = STEPS, seed: int = SEED,
+                  model: str = "mlp") -> dict:
     """Train ``steps`` steps on the simulator; the snapshot's tensors are stacked ``[M, ...]``."""
-    replicas, opt = build_sim(method, inner, world_size, seed)
+    replicas, opt = build_sim(method, inner, world_size, seed, model)
     train_sim(replicas, opt, 0, steps, seed)
     return snapshot_sim(replicas, opt)
 
@@ -169,7 +198,7 @@ def run_job_sim(world_size: int, job: dict) -> dict[str, dict]:
         key = combo_key(method, inner)
         out: dict[str, Any] = {}
         if "full" in job["ops"]:
-            out["full"] = run_simulated(method, inner, world_size, job["steps"], job["seed"])
+            out["full"] = run_simulated(method, inner, world_size, job["steps"], job["seed"], job.get("model", "mlp"))
         if "save" in job["ops"]:
             replicas, opt = build_sim(method, inner, world_size, job["seed"])
             train_sim(replicas, opt, 0, job["save_at"], job["seed"])
@@ -209,22 +238,29 @@ def run_sim_in_fresh_process(world_size: int, job: dict, workdir: str | os.PathL
 
 
 # ------------------------------------------------------------------------------------ real gloo
-def build_dist(method: str, inner: str, seed: int = SEED):
+def build_dist(method: str, inner: str, seed: int = SEED, model: str = "mlp", bucket_bytes: int | None = None):
     from desloc.comm.torch_dist import TorchDistComm
 
-    comm = TorchDistComm()
-    model = make_model(seed)
+    comm = TorchDistComm() if bucket_bytes is None else TorchDistComm(bucket_bytes=bucket_bytes)
+    model = make_model(seed, model)
     icfg = inner_config(inner)
     opt = build_method(method_config(method, comm.world_size), icfg.build(model.parameters()), comm,
                        icfg.state_roles())
     return model, opt
 
 
-def train_dist(model: nn.Module, opt, rank: int, start: int, stop: int, seed: int = SEED) -> None:
+def train_dist(model: nn.Module, opt, rank: int, start: int, stop: int, seed: int = SEED,
+               observer: bool = False) -> None:
+    from desloc.workers import ProcessWorkers
+
+    workers = ProcessWorkers(model, opt.comm) if observer else None
     for step in range(start, stop):
         model.zero_grad(set_to_none=True)
-        _loss(model, seed, rank, step).backward()
+        loss = _loss(model, seed, rank, step)
+        loss.backward()
         opt.step()
+        if workers is not None:  # logged metrics, averaged through the same communicator
+            workers._mean([loss.item(), float(step)])
 
 
 def snapshot_dist(model: nn.Module, opt) -> dict[str, Any]:
@@ -241,8 +277,8 @@ def run_job_rank(rank: int, job: dict) -> dict[str, dict]:
     for method, inner in job["combos"]:
         out: dict[str, Any] = {}
         if "full" in job["ops"]:
-            model, opt = build_dist(method, inner, job["seed"])
-            train_dist(model, opt, rank, 0, job["steps"], job["seed"])
+            model, opt = build_dist(method, inner, job["seed"], job.get("model", "mlp"), job.get("bucket_bytes"))
+            train_dist(model, opt, rank, 0, job["steps"], job["seed"], job.get("observer", False))
             out["full"] = snapshot_dist(model, opt)
         if "save" in job["ops"]:
             model, opt = build_dist(method, inner, job["seed"])
@@ -339,16 +375,20 @@ def session_gloo_run(world_size: int, workdir_factory, timeout_s: float) -> tupl
 
 
 def make_job(ops: tuple[str, ...], combos=COMBOS, steps: int = STEPS, save_at: int = SAVE_AT,
-             ckpt_dir: str | os.PathLike | None = None, seed: int = SEED) -> dict:
+             ckpt_dir: str | os.PathLike | None = None, seed: int = SEED, **options: Any) -> dict:
+    """``options``: ``model``, ``bucket_bytes``, ``observer`` (module docstring; "full" only)."""
+    unknown = set(options) - {"model", "bucket_bytes", "observer"}
+    if unknown:
+        raise ValueError(f"unknown job options {sorted(unknown)}")
     return {"ops": tuple(ops), "combos": [tuple(c) for c in combos], "steps": steps, "save_at": save_at,
-            "ckpt_dir": None if ckpt_dir is None else str(ckpt_dir), "seed": seed}
+            "ckpt_dir": None if ckpt_dir is None else str(ckpt_dir), "seed": seed, **options}
 
 
 def stack_ranks(snapshots: list[dict]) -> dict[str, Any]:
     """Per-rank snapshots -> the simulator's layout (tensors stacked on dim 0, rank order).
 
     ``scalars`` and ``ledger`` are identical on every rank in a correct run; they are returned
-    as per-rank lists (``scalars[name]``, ``ledgers``) for the caller to check.
+    as per-rank lists (``scalars[name]``, ``ledgers``, ``ledger_summaries``) for the caller to check.
     """
     first = snapshots[0]
     return {
@@ -357,4 +397,5 @@ def stack_ranks(snapshots: list[dict]) -> dict[str, Any]:
         "scalars": {n: [s["scalars"][n] for s in snapshots] for n in first["scalars"]},
         "global_steps": [s["global_step"] for s in snapshots],
         "ledgers": [s["ledger"] for s in snapshots],
+        "ledger_summaries": [s["ledger_summary"] for s in snapshots],
     }

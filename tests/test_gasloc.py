@@ -142,3 +142,23 @@ def test_summary_reports_bytes_per_link_and_worker():
     assert set(summary["bytes_by_worker"]) == set(range(M))
     assert all(b == 2 * 2 * per_link for b in summary["bytes_by_worker"].values())  # 2 rounds x 2 peers
     assert sum(summary["bytes_by_link"].values()) == M * summary["bytes_sent"]
+
+
+def test_state_names_are_required_and_checked():
+    """GASLoC keeps an idle worker's inner states by name (a 0-dim parameter's moments cannot be
+    told from a scalar counter by shape): the names are required and checked at the first step."""
+    from desloc.algorithms import GasLoc
+
+    def make(**kw):
+        x = torch.zeros(M, N, dtype=torch.float64)
+        opt = GasLoc(torch.optim.AdamW([x], lr=0.1), SimulatedComm(M), 3, **kw)
+        x.grad = torch.ones_like(x)
+        return opt
+
+    with pytest.raises(ConfigError, match="GasLoc needs state_names"):
+        make()
+    with pytest.raises(ConfigError, match=r"state_names names \['momentum'\]"):
+        make(state_names=["exp_avg", "exp_avg_sq", "momentum"]).step()
+    with pytest.raises(ConfigError, match=r"\['exp_avg_sq'\] are not declared; add them to state_names"):
+        make(state_names=["exp_avg"]).step()
+    make(state_names=["exp_avg", "exp_avg_sq"]).step()

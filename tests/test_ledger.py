@@ -118,3 +118,42 @@ def test_ledger_survives_state_dict_round_trip():
     opt.load_state_dict(saved)
     assert opt.comm.ledger.state_dict() == before
     assert opt.global_step == 6
+
+
+def test_observer_traffic_is_kept_apart():
+    """The logged metrics' averaging (ProcessWorkers) is neither a collective nor method bytes."""
+    comm = SimulatedComm(M)
+    comm.all_reduce_mean([torch.zeros(M, 3, dtype=torch.float64)], ["metrics"])
+    comm.all_reduce_mean([torch.zeros(M, 5)], ["params"])
+    ledger = comm.ledger
+    assert ledger.collectives == 1 and ledger.total_bytes == 20
+    assert ledger.bytes_by_tag == {"params": 20} and dict(ledger.syncs_by_tag) == {"params": 1}
+    assert dict(ledger.observer_bytes_by_tag) == {"metrics": 24}
+    assert "metrics" not in str(ledger.summary())
+
+
+def test_gossip_bytes_per_worker_are_exact_for_odd_m():
+    """M = 3, one-peer: one pair exchanges, one worker sits out: 2/3 of a tensor per worker."""
+    from desloc.topology import mixing
+
+    comm = SimulatedComm(3)
+    x = torch.randn(3, 5)
+    comm.mix([x], ["params"], mixing("one-peer", 3, 0))
+    assert comm.ledger.bytes_by_tag["params"] == 2 * 20 / 3 == comm.ledger.total_bytes
+    assert sum(comm.ledger.bytes_by_link.values()) == 40 and len(comm.ledger.bytes_by_link) == 2
+    comm.mix([x], ["params"], mixing("one-peer", 3, 1))
+    assert comm.ledger.bytes_by_tag["params"] == 80 / 3
+    comm.mix([x], ["params"], mixing("one-peer", 3, 2))
+    assert comm.ledger.bytes_by_tag["params"] == 40 and isinstance(comm.ledger.bytes_by_tag["params"], int)
+    assert comm.ledger.collectives == 3
+
+
+def test_ledger_reads_the_previous_checkpoint_format():
+    ledger = SimulatedComm(2).ledger
+    ledger.load_state_dict({"bytes_by_tag": {"params": 40, "metrics": 16}, "syncs_by_tag": {"params": 2, "metrics": 1},
+                            "collectives": 3})
+    assert ledger.bytes_by_tag == {"params": 40} and ledger.total_bytes == 40
+    assert dict(ledger.observer_bytes_by_tag) == {"metrics": 16} and dict(ledger.syncs_by_tag) == {"params": 2}
+    again = SimulatedComm(2).ledger
+    again.load_state_dict(ledger.state_dict())
+    assert again.state_dict() == ledger.state_dict()

@@ -2,15 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from desloc.errors import CheckpointMismatchError, ConfigError
+from desloc.errors import CheckpointMismatchError
 from desloc.records import RunDir
+
+from _runs import assert_same, desloc, final_state  # noqa: E402
 from desloc.train import TrainConfig, train
 
 SMALL = ["--workers", "2", "--steps", "12", "--batch-size", "2", "--seq-len", "32", "--kx", "4",
@@ -30,43 +30,14 @@ def env(tmp_path_factory):
     return e
 
 
-def desloc(args, env, torchrun=0, timeout=240):
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "desloc"] + args
-    else:
-        cmd = [sys.executable, "-m", "desloc"] + args
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def rows(run):
     return [r for r in RunDir(run).read_metrics()]
 
 
-def final_state(run, workers=2):
-    """Per-worker parameters and optimizer state of the last checkpoint, engine-independent."""
-    rd = RunDir(run)
-    first = rd.load_checkpoint(0)
-    if "stacked" in first["model"]:
-        params = [{k: v[m] for k, v in first["model"]["stacked"].items()} for m in range(workers)]
-        opt = first["optimizer"]["inner"]["state"]
-        states = [{i: {n: t[m] for n, t in s.items() if t.dim() > 0} for i, s in opt.items()} for m in range(workers)]
-    else:
-        ck = [rd.load_checkpoint(r) for r in range(workers)]
-        params = [c["model"]["module"] for c in ck]
-        states = [{i: {n: t for n, t in s.items() if t.dim() > 0} for i, s in c["optimizer"]["inner"]["state"].items()}
-                  for c in ck]
-    return params, states
 
 
-def assert_same(a, b):
-    (pa, sa), (pb, sb) = a, b
-    for m in range(len(pa)):
-        for k in pa[m]:
-            assert torch.equal(pa[m][k], pb[m][k]), f"worker {m} param {k}"
-        for i in sa[m]:
-            for n in sa[m][i]:
-                assert torch.equal(sa[m][i][n], sb[m][i][n]), f"worker {m} state {i}/{n}"
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from desloc.algorithms import parse_method_spec
-from desloc.errors import CheckpointMismatchError, ConfigError
+from desloc.errors import (CheckpointMismatchError, ConfigError, DivergenceError, Interrupted, RunComplete,
+                           RunDirError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``desloc: error: ...``, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"desloc: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _default_out(kind: str) -> Path:
@@ -139,9 +149,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model field, e.g. --set n_layer=3 (repeatable)")
     p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bf16 autocast")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other workers before the run "
+                   "stops with an error (default 600)")
 
 
-def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, **fixed: Any):
+def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, build: bool = True, **fixed: Any):
     from desloc.train import TrainConfig, unresolved_defaults
 
     cfg = base if base is not None else unresolved_defaults()
@@ -152,16 +165,146 @@ def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, 
             for key in path[:-1]:
                 node = node[key]
             node[path[-1]] = getattr(args, dest)
+    if cfg["method"]["name"] == "mtdao":  # --method mtdao brings its own inner optimizer
+        cfg["inner"]["name"] = _mtdao_inner(cfg["inner"]["name"], explicit=hasattr(args, "inner"))
     if getattr(args, "bf16", False):
         cfg["bf16"] = True
     for item in getattr(args, "set", []):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}; e.g. --set n_layer=3")
-        cfg["model_overrides"][key] = json.loads(value) if value.replace(".", "", 1).lstrip("-").isdigit() else value
+        cfg["model_overrides"][key.strip()] = _model_override(key.strip(), value.strip())
     for key, value in fixed.items():
         cfg[key] = value
-    return TrainConfig.from_dict(cfg)
+    return TrainConfig.from_dict(cfg) if build else cfg
+
+
+def _mtdao_inner(inner: str, explicit: bool, default: str = "mtdao") -> str:
+    """The MT-DAO inner optimizer for method mtdao: ``default`` when --inner was not given, else the
+    MT-DAO flavour of the given one (adopt -> mtdao, adamw -> mtdao-adam; sgdm has none)."""
+    if inner.startswith("mtdao"):
+        return inner
+    if not explicit:
+        return default
+    if inner in ("adopt", "adamw"):
+        return "mtdao" if inner == "adopt" else "mtdao-adam"
+    if inner != "sgdm":
+        return inner  # an unknown name: InnerConfig lists the choices
+    raise ConfigError(f"method mtdao runs the MT-DAO inner optimizer, which has an ADOPT flavour (--inner mtdao "
+                      f"or adopt) and an Adam flavour (--inner mtdao-adam or adamw), but no {inner} flavour; "
+                      "drop --inner or pick one of those")
+
+
+def _model_override(key: str, value: str) -> int | float:
+    """``--set FIELD=VALUE``: VALUE parsed as the model field's type (int, or float for dropout)."""
+    import dataclasses
+
+    from desloc.model import GPTConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    if key == "vocab_size":
+        raise ConfigError(f"--set vocab_size={value}: the vocabulary comes from the tokenizer; use --vocab-size "
+                          f"{value} (BPE) or --tokenizer byte (256)")
+    if key not in fields:
+        raise ConfigError(f"unknown model field {key!r} in --set {key}={value}; fields are "
+                          f"{sorted(k for k in fields if k != 'vocab_size')}")
+    kind = type(fields[key])
+    try:
+        parsed = kind(value)
+    except ValueError:
+        need = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--set {key}={value}: model field {key} needs {need}, got {value!r}; "
+                          f"e.g. --set {key}={fields[key] if fields[key] else (0.1 if kind is float else 2)}") from None
+    if kind is float:
+        from desloc.errors import check_finite
+
+        check_finite(f"--set {key}", parsed, f"--set {key}=0.1")
+    return parsed
+
+
+def _flag(dest: str) -> str:
+    """The flag spelling(s) of a _TRAIN_FLAGS destination, e.g. ``--kx/--k``."""
+    for names, _, _ in _TRAIN_FLAGS:
+        if names[0].lstrip("-").replace("-", "_") == dest:
+            return "/".join(names)
+    return "--" + dest.replace("_", "-")
+
+
+def _unused_flags(args: argparse.Namespace, cfg, in_compare: bool = False) -> dict[str, str]:
+    """Flags passed explicitly that this run's method, inner optimizer or data settings ignore,
+    each with the reason (flag -> why)."""
+    m, inner, out = cfg.method, cfg.inner, {}
+
+    def refuse(dest: str, why: str) -> None:
+        if hasattr(args, dest):
+            out[_flag(dest)] = why
+
+    if m.name == "ddp":
+        refuse("kx", "ddp all-reduces the gradient every step; it has no sync period")
+    state_period_methods = ("desloc", "mtdao") if in_compare else ("desloc", "local-adam", "mtdao")
+    if m.name not in state_period_methods:
+        fixed = {"ddp": "syncs every step", "keep-states": "never syncs optimizer states",
+                 "reset-states": "zeroes optimizer states at each parameter sync",
+                 "diloco": "never syncs optimizer states", "gasloc": "never syncs optimizer states",
+                 "local-adam": "syncs every state with the parameters (every K_x)"}.get(m.name, "has no state periods")
+        for dest in ("ku", "kv"):
+            refuse(dest, f"{m.name} {fixed}; K_u / K_v apply to desloc and mtdao")
+    if m.momentum_periods is None:
+        refuse("momentum_periods", f"{m.name} with inner {inner.name} has no MT-DAO momenta to give periods")
+    if m.outer is None:
+        refuse("outer", f"{m.name} has no parameter sync to put an outer optimizer on")
+        hint = "" if m.name == "ddp" else "; add --outer nesterov (or sgd) to use one"
+        for dest in ("outer_lr", "outer_momentum"):
+            refuse(dest, f"{m.name} runs no outer optimizer here{hint}")
+    if m.name != "gasloc":
+        for dest in ("topology", "local_steps", "gossip_seed"):
+            refuse(dest, f"only gasloc gossips, not {m.name}")
+    if not inner.name.startswith("mtdao"):
+        for dest in ("mt_betas", "mt_omegas"):
+            refuse(dest, f"the inner optimizer {inner.name} is not MT-DAO; use --inner mtdao / mtdao-adam "
+                         "or --method mtdao")
+    if inner.name != "sgdm":
+        refuse("momentum", f"only the sgdm inner optimizer has a momentum, not {inner.name}"
+                           + ("" if inner.name.startswith("mtdao") else "; its first-moment decay is --beta1"))
+    if inner.name == "sgdm" or inner.name.startswith("mtdao"):
+        refuse("beta1", f"the {inner.name} inner optimizer does not use beta1; "
+                        + ("its momentum is --momentum" if inner.name == "sgdm" else "its momentum decays are --mt-betas"))
+    if inner.name == "sgdm":
+        refuse("beta2", "the sgdm inner optimizer has no second moment")
+    if cfg.data.tokenizer == "byte":
+        refuse("vocab_size", "the byte tokenizer always has 256 symbols; --vocab-size sets the BPE vocabulary")
+    if cfg.data.partition != "dirichlet":
+        refuse("alpha", f"--alpha is the Dirichlet concentration of --partition dirichlet, not {cfg.data.partition}")
+    if cfg.schedule == "constant":
+        refuse("min_lr_ratio", "the constant schedule never decays the learning rate")
+    return out
+
+
+def _refuse_unused(unused: dict[str, str], where: str) -> None:
+    if len(unused) == 1:
+        (flag, why), = unused.items()
+        raise ConfigError(f"{flag} would be ignored {where}: {why}. Drop {flag}")
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} would be ignored {where}: "
+                          + "; ".join(f"{f}: {why}" for f, why in unused.items()) + ". Drop them")
+
+
+def _check_sync_happens(cfg) -> None:
+    """K_x > steps: the workers would never be averaged (and the ratio vs DDP would be infinite)."""
+    kx, steps = cfg.method.period_x, cfg.steps
+    if cfg.method.name != "ddp" and kx > steps:
+        raise ConfigError(f"K_x={kx} > steps={steps}: no parameter sync would happen, the workers would "
+                          f"train apart and never be averaged; lower --kx (e.g. --kx {max(1, steps // 4)}) "
+                          f"or raise --steps (to at least {kx})")
+
+
+def _check_timeout(args: argparse.Namespace) -> None:
+    import math
+
+    t = args.timeout
+    if not (math.isfinite(t) and t > 0):
+        raise ConfigError(f"--timeout must be a finite number of seconds > 0, got {t}; e.g. --timeout 60 "
+                          "(how long a collective waits for a worker before the run stops)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -171,15 +314,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _add_train_flags(p)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/train-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the desloc run already in --out (by default a non-empty --out is refused)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of this invocation (checkpointed; continue with --resume)")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from desloc.records import RunDir
+    from desloc.records import RunDir, dumps
     from desloc.train import train
 
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(f"--stop-after must be >= 1 (steps to run in this invocation), got {args.stop_after}; "
+                          "drop it to train to --steps")
+    _check_timeout(args)
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
@@ -192,17 +343,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         import os
 
-        if "WORLD_SIZE" in os.environ and not hasattr(args, "workers"):
+        if os.environ.get("WORLD_SIZE", "").isdigit() and not hasattr(args, "workers"):
             args.workers = int(os.environ["WORLD_SIZE"])  # under torchrun: one worker per process
         cfg = _train_config(args)
+        _refuse_unused(_unused_flags(args, cfg), f"by --method {cfg.method.name} (inner {cfg.inner.name})")
+        _check_sync_happens(cfg)
+    from desloc.train import check_resources
+
+    check_resources(cfg)  # engine environment, device, memory: before any data is read
     out = args.out or _default_out("train")
-    summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
+    summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
+                    timeout_s=args.timeout)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("method", "workers", "steps", "tokens", "final_val_loss", "final_val_ppl", "bytes_sent",
                 "ratio_vs_ddp", "wall_time_s")
-        print(json.dumps({k: summary[k] for k in keys}, indent=2))
+        print(dumps({k: summary[k] for k in keys}, indent=2))
         print(f"records: {out}/ (config.json, metrics.jsonl, summary.json, loss.png, loss_vs_bytes.png)",
               file=sys.stderr)
     return 0
@@ -216,6 +373,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default="ddp,local-adam,desloc,keep-states,reset-states")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", type=Path, default=None, help="directory (default runs/compare-<time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun runs already in --out (by default finished runs with identical settings are "
+                   "reused, and runs with other settings are refused)")
     p.set_defaults(func=_cmd_compare)
 
 
@@ -233,29 +393,53 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if hasattr(args, "method"):
         raise ConfigError("compare takes --methods (plural), not --method")
+    for flag, given, items, example in (("--methods", args.methods, methods, "ddp,desloc"),
+                                        ("--seeds", args.seeds, seeds, "0,1,2")):
+        if not items:
+            raise ConfigError(f"{flag} lists nothing, got {given!r}; give a comma-separated list, e.g. {flag} {example}")
+        dup = sorted({str(x) for x in items if items.count(x) > 1})
+        if dup:
+            raise ConfigError(f"{flag} names {', '.join(dup)} more than once ({given!r}); the same run would count "
+                              f"twice in the mean and std; name each once")
+    _check_timeout(args)
 
     def config_for(method: str, seed: int):
-        cfg = _train_config(args, seed=seed)
-        d = cfg.to_dict()
+        d = _train_config(args, build=False, seed=seed)  # validated below, once adapted to the method
         spec = parse_method_spec(method)
         d["method"].update(period_u=getattr(args, "ku", "auto"), period_v=getattr(args, "kv", "auto"))
         if spec["name"] not in ("desloc", "mtdao"):
             d["method"]["period_u"] = d["method"]["period_v"] = "auto"
-        if spec["name"] not in ("desloc", "mtdao"):
-            d["method"]["momentum_periods"] = None
         d["method"]["outer"] = None if spec["name"] == "ddp" else getattr(args, "outer", None)
         d["method"].update(spec)
-        if spec["name"] == "mtdao" and not d["inner"]["name"].startswith("mtdao"):
+        if spec["name"] == "mtdao":
             # the MT-DAO inner optimizer of the same flavour as the others' (ADOPT or Adam)
-            d["inner"]["name"] = "mtdao" if d["inner"]["name"] == "adopt" else "mtdao-adam"
+            d["inner"]["name"] = _mtdao_inner(d["inner"]["name"], explicit=True)
+        if spec["name"] not in ("desloc", "mtdao") or not d["inner"]["name"].startswith("mtdao"):
+            d["method"]["momentum_periods"] = None  # only MT-DAO momenta have periods of their own
         from desloc.train import TrainConfig
 
         return TrainConfig.from_dict(d)
 
-    for m in methods:  # validate every run's config before the first one starts
-        config_for(m, seeds[0])
+    configs = {m: config_for(m, seeds[0]) for m in methods}  # validate every run before the first starts
+    unused = [_unused_flags(args, c, in_compare=True) for c in configs.values()]
+    unused_by_all = {f: why for f, why in unused[0].items() if all(f in u for u in unused)}
+    where = f"by every method in --methods ({', '.join(methods)})"
+    if unused_by_all.keys() == {_flag("kx")}:  # shared flag lists pass K_x to all-ddp comparisons too
+        import warnings
+
+        from desloc.errors import DeslocWarning
+
+        warnings.warn(f"{_flag('kx')} is ignored {where}: {unused_by_all[_flag('kx')]}", DeslocWarning)
+        unused_by_all = {}
+    _refuse_unused(unused_by_all, where)
+    for cfg in configs.values():
+        _check_sync_happens(cfg)
+    from desloc.train import check_resources
+
+    for cfg in configs.values():
+        check_resources(cfg)
     out = args.out or _default_out("compare")
-    record = run_compare(config_for, methods, seeds, out)
+    record = run_compare(config_for, methods, seeds, out, overwrite=args.overwrite, timeout_s=args.timeout)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -292,7 +476,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="desloc", description="Low-communication distributed training.")
+    parser = _Parser(prog="desloc", description="Low-communication distributed training.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_compare(sub)
@@ -303,13 +487,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _route_warnings() -> None:
+    """Print desloc's own warnings (DeslocWarning) as one line: ``desloc: warning: ...``."""
+    import warnings
+
+    from desloc.errors import DeslocWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "_desloc", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeslocWarning):
+            print(f"desloc: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._desloc = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
+_COLLECTIVE_HINTS = re.compile(r"gloo|nccl|timed out|by peer|broken pipe|connection (?:reset|closed|refused)",
+                               re.IGNORECASE)
+
+
+def collective_failure_message(err: BaseException, timeout_s: float | None, env: dict | None = None) -> str | None:
+    """One line for a failed torch.distributed collective (a timeout, a peer that died), or None
+    when ``err`` is not one. Names the rank that is not answering when it can be told: the
+    message names a peer address, or there are only two ranks."""
+    text = str(err).strip()
+    dist_error = any(c.__name__.startswith("Dist") for c in type(err).__mro__)
+    if not (dist_error or _COLLECTIVE_HINTS.search(text)):
+        return None
+    env = os.environ if env is None else env
+    rank = env.get("RANK", "")
+    world = env.get("WORLD_SIZE", "")
+    core = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h)(?::\d+)?\]\s*", "", text.splitlines()[0] if text else type(err).__name__)
+    timed_out = re.search(r"timed out|timeout", text, re.IGNORECASE) is not None
+    peer = re.search(r"\[([0-9a-fA-F.:]+|[\w.-]+)\]:(\d+)", text)
+    at = f" (peer {peer.group(1)}:{peer.group(2)})" if peer else ""
+    if rank.isdigit() and world.isdigit() and int(world) == 2:
+        who = f"rank {1 - int(rank)}{at} is not answering"
+    elif peer:
+        who = f"the rank at {peer.group(1)}:{peer.group(2)} is not answering"
+    elif world.isdigit():
+        who = (f"one of the other {int(world) - 1} ranks is not answering (the ranks that report no such error "
+               "are the suspects)")
+    else:
+        who = "another rank is not answering"
+    me = f"rank {rank}" if rank.isdigit() else "this process"
+    limit = f"{timeout_s:g} s" if timeout_s is not None else "the collective timeout"
+    if timed_out:
+        what = f"{me} waited {limit} in a collective and {who}: it may be stopped (SIGSTOP), hung or dead"
+    else:
+        what = f"a collective failed on {me}; {who}: it may have crashed or been killed"
+    return (f"{what} [{core}]; check that worker's process and log, then continue with --resume. "
+            f"Change how long a collective waits with --timeout SECONDS"
+            + (f" (now {timeout_s:g})" if timeout_s is not None else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _route_warnings()
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as err:
+    except RunComplete as done:
+        print(f"desloc: {done}", file=sys.stderr)
+        return 0
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"desloc: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except DivergenceError as err:
         print(f"desloc: error: {err}", file=sys.stderr)
+        return 3
+    except (ConfigError, CheckpointMismatchError, RunDirError, FileNotFoundError) as err:
+        print(f"desloc: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        from desloc.records import describe_os_error
+
+        print(f"desloc: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a collective that timed out or lost its peer (gloo / NCCL)
+        message = collective_failure_message(err, getattr(args, "timeout", None))
+        if message is None:
+            raise
+        print(f"desloc: error: {message}", file=sys.stderr)
         return 2
 
 

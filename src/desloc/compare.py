@@ -90,12 +90,12 @@ def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title
     plt.close(fig)
 
 
-def _run_one(cfg: Any, run: RunDir, overwrite: bool, progress: bool | None) -> dict[str, Any]:
+def _run_one(cfg: Any, run: RunDir, overwrite: bool, progress: bool | None, timeout_s: float) -> dict[str, Any]:
     """Train one comparison run, or reuse / resume it if it was made with exactly ``cfg``."""
     from desloc.train import train
 
     if overwrite or not run.contents():
-        return train(cfg, run.path, progress=progress, overwrite=overwrite)
+        return train(cfg, run.path, progress=progress, overwrite=overwrite, timeout_s=timeout_s)
     saved = run.read_config() if (run.path / "config.json").exists() else {}
     diff = config_diff(saved, cfg.to_dict())
     if diff:
@@ -105,13 +105,14 @@ def _run_one(cfg: Any, run: RunDir, overwrite: bool, progress: bool | None) -> d
     summary = run.read_summary()
     if summary is not None and summary.get("status", "complete") == "complete" and summary.get("steps") == cfg.steps:
         return summary
-    return train(cfg, run.path, resume=True, progress=progress)
+    return train(cfg, run.path, resume=True, progress=progress, timeout_s=timeout_s)
 
 
 def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seeds: list[int],
                 out: str | Path, progress: bool | None = None, reference: str = "local-adam",
-                overwrite: bool = False) -> dict[str, Any]:
-    """``base_config(method, seed)`` returns the TrainConfig of one run."""
+                overwrite: bool = False, timeout_s: float = 600.0) -> dict[str, Any]:
+    """``base_config(method, seed)`` returns the TrainConfig of one run; ``timeout_s`` bounds each
+    collective of runs on real processes."""
 
     out = Path(out)
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -124,7 +125,7 @@ def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seed
             configs[method] = cfg.to_dict()
             run = RunDir(out / f"{method}-s{seed}")
             try:
-                summary = _run_one(cfg, run, overwrite, progress)
+                summary = _run_one(cfg, run, overwrite, progress, timeout_s)
             except Interrupted as stop:
                 raise Interrupted(f"{stop}; or repeat the same desloc compare command to continue the "
                                   "comparison", stop.signum, stop.step) from None

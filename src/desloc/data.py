@@ -44,6 +44,7 @@ import sqlite3
 import sys
 import time
 import uuid
+import warnings
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from desloc.errors import ConfigError
+from desloc.errors import ConfigError, DeslocWarning
 
 BUILTIN_SOURCES = ("kjv", "shakespeare")
 TOKENIZERS = ("bpe", "byte")
@@ -182,8 +183,31 @@ def _read_kjv() -> list[tuple[str, str]]:
     return [(names[key], "\n".join(verses) + "\n") for key, verses in books.items()]
 
 
+_MAX_REPLACED_SHARE = 0.01  # more undecodable characters than this: not UTF-8 text, refused
+
+
 def _read_text_file(path: Path) -> str:
-    return path.read_text(encoding="utf-8-sig", errors="replace")  # universal newlines, no BOM
+    """The text of a UTF-8 file (BOM dropped, universal newlines). Invalid byte sequences become
+    U+FFFD with a warning that gives their share; a file with NUL bytes or more than 1% of them
+    is refused (binary, or another encoding)."""
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise ConfigError(f"{str(path)!r} looks binary (it contains NUL bytes), not text; give UTF-8 .txt "
+                          "files (a UTF-16 text has NUL bytes too: convert it with `iconv -f utf-16 -t utf-8`)")
+    text = raw.decode("utf-8-sig", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())  # U+FFFD already in the file is fine
+    if replaced > 0:
+        share = replaced / max(len(text), 1)
+        if share > _MAX_REPLACED_SHARE:
+            raise ConfigError(
+                f"{str(path)!r} is not UTF-8 text: {replaced:,} of {len(text):,} characters ({share:.1%}) are "
+                f"invalid byte sequences (more than {_MAX_REPLACED_SHARE:.0%}); convert it to UTF-8 (e.g. "
+                "`iconv -f latin1 -t utf-8 in.txt > out.txt`) or check that it is text at all"
+            )
+        warnings.warn(f"{str(path)!r} is not valid UTF-8: {replaced:,} invalid byte sequence(s) "
+                      f"({share:.3%} of {len(text):,} characters) were replaced by U+FFFD", DeslocWarning,
+                      stacklevel=2)
+    return text
 
 
 def _read_shakespeare() -> list[tuple[str, str]]:
@@ -266,9 +290,19 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _load_u16(path: Path) -> np.ndarray:
-    arr = np.load(path, mmap_mode="r")
-    assert arr.dtype == np.uint16 and arr.ndim == 1, (path, arr.dtype, arr.shape)
+class _DamagedCache(Exception):
+    """A cache entry that cannot be loaded as written (truncated, edited, half-deleted)."""
+
+
+def _load_u16(path: Path, length: int | None = None) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise _DamagedCache(f"{path.name}: {err}") from None
+    if arr.dtype != np.uint16 or arr.ndim != 1:
+        raise _DamagedCache(f"{path.name} holds {arr.dtype} {arr.shape}, not 1-d uint16 token ids")
+    if length is not None and len(arr) != length:
+        raise _DamagedCache(f"{path.name} holds {len(arr)} tokens, meta.json says {length}")
     return arr
 
 
@@ -290,15 +324,13 @@ class Corpus:
         tag = f"vf{config.val_fraction!r}"
         train_path, val_path = self.cache_path / f"train-{tag}.npy", self.cache_path / f"val-{tag}.npy"
         if not (train_path.exists() and val_path.exists()):
-            ids = _load_u16(ids_path)
+            ids = _load_u16(ids_path, int(n.sum()))
             starts = np.concatenate([[0], np.cumsum(n)])
             cuts = starts[1:] - n_val
             _save_npy_atomic(train_path, np.concatenate([ids[a:c] for a, c in zip(starts, cuts)] + [ids[:0]]))
             _save_npy_atomic(val_path, np.concatenate([ids[c:b] for c, b in zip(cuts, starts[1:])] + [ids[:0]]))
-        self.train_tokens = _load_u16(train_path)
-        self.val_tokens = _load_u16(val_path)
-        assert len(self.train_tokens) == self.train_doc_offsets[-1]
-        assert len(self.val_tokens) == self.val_doc_offsets[-1]
+        self.train_tokens = _load_u16(train_path, int(self.train_doc_offsets[-1]))
+        self.val_tokens = _load_u16(val_path, int(self.val_doc_offsets[-1]))
 
     @classmethod
     def prepare(cls, cfg: DataConfig, progress: bool = False) -> "Corpus":
@@ -315,22 +347,50 @@ class Corpus:
         entry = root / f"corpus-{cfg.tokenizer}-{vocab}-{fp[:16]}"
         if not entry.exists():
             cls._build_entry(root, entry, docs, cfg.tokenizer, vocab, fp, say, progress)
-        meta_path = entry / "meta.json"
-        if not meta_path.exists():
-            raise RuntimeError(f"cache entry {entry} is incomplete (no meta.json); delete that folder")
-        meta = json.loads(meta_path.read_text())
-        if meta["fingerprint"] != fp:
-            raise RuntimeError(f"cache entry {entry} belongs to other data; delete that folder")
+        try:
+            corpus = cls._load_entry(cfg, entry, fp)
+        except _DamagedCache as err:  # truncated or edited files, a malformed meta.json: build it again
+            warnings.warn(f"the token cache {str(entry)!r} is damaged ({err}); rebuilding it", DeslocWarning,
+                          stacklevel=2)
+            cls._discard_entry(root, entry)
+            cls._build_entry(root, entry, docs, cfg.tokenizer, vocab, fp, say, progress)
+            corpus = cls._load_entry(cfg, entry, fp)
+        say(f"{len(corpus.train_tokens):,} train + {len(corpus.val_tokens):,} val tokens, "
+            f"vocab {corpus.vocab_size}, cache {entry}")
+        return corpus
+
+    @classmethod
+    def _load_entry(cls, cfg: DataConfig, entry: Path, fp: str) -> "Corpus":
+        """Load a published cache entry; raise _DamagedCache when any part of it does not fit."""
+        try:
+            meta = json.loads((entry / "meta.json").read_text())
+            if meta["fingerprint"] != fp:
+                raise _DamagedCache(f"meta.json fingerprint {str(meta['fingerprint'])[:16]} is not this data's")
+            documents, doc_tokens, vocab_size = meta["documents"], meta["doc_tokens"], int(meta["vocab_size"])
+            if len(documents) != len(doc_tokens) or not all(_is_int(n) and n >= 0 for n in doc_tokens):
+                raise _DamagedCache("meta.json lists documents and token counts that do not match")
+        except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise _DamagedCache(f"meta.json: {type(err).__name__}: {err}") from None
         tok = None
         if cfg.tokenizer == "bpe":
             from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_file(str(entry / "tokenizer.json"))
-        corpus = cls(config=cfg, documents=meta["documents"], fingerprint=fp, tokenizer=tok,
-                     vocab_size=meta["vocab_size"], ids_path=entry / "ids.npy", doc_tokens=meta["doc_tokens"])
-        say(f"{len(corpus.train_tokens):,} train + {len(corpus.val_tokens):,} val tokens, "
-            f"vocab {corpus.vocab_size}, cache {entry}")
-        return corpus
+            try:
+                tok = Tokenizer.from_file(str(entry / "tokenizer.json"))
+            except Exception as err:  # tokenizers raises its own Exception type
+                raise _DamagedCache(f"tokenizer.json: {err}") from None
+        return cls(config=cfg, documents=documents, fingerprint=fp, tokenizer=tok, vocab_size=vocab_size,
+                   ids_path=entry / "ids.npy", doc_tokens=doc_tokens)
+
+    @staticmethod
+    def _discard_entry(root: Path, entry: Path) -> None:
+        """Move a damaged entry aside (one rename, so a concurrent reader never sees it half-deleted)."""
+        trash = root / f".damaged-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(entry, trash)
+        except FileNotFoundError:  # another process moved it first
+            return
+        shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def _build_entry(root: Path, entry: Path, docs: list[tuple[str, str]], tokenizer: str, vocab: int,
@@ -452,11 +512,7 @@ class WorkerStreams:
         self.shard_tokens = shard_tokens
         starts, lengths, block_doc = _cut_blocks(corpus.train_doc_offsets, shard_tokens, seq_len + 1)
         if len(starts) < world_size:
-            raise ConfigError(
-                f"the training text makes only {len(starts)} blocks of shard_tokens={shard_tokens} "
-                f"(windows of seq_len + 1 = {seq_len + 1}) but world_size={world_size} workers each "
-                "need at least one; lower shard_tokens or world_size, or use more text"
-            )
+            raise ConfigError(self._too_small(len(starts), shard_tokens))
         rng = np.random.default_rng(seed)
         if cfg.partition == "iid":
             owner = _assign_iid(len(starts), world_size, rng)
@@ -466,6 +522,32 @@ class WorkerStreams:
         self._blocks = [np.flatnonzero(owner == m) for m in range(world_size)]  # ascending position
         # window w of worker m lies in block j where cum[j-1] <= w < cum[j]
         self._windows_cum = [np.cumsum(lengths[b] - seq_len) for b in self._blocks]
+
+    def _too_small(self, n_blocks: int, shard_tokens: int) -> str:
+        """The "too little text" message, with numbers that would fit."""
+        offsets, seq_len, world = self.corpus.train_doc_offsets, self.seq_len, self.world_size
+
+        def blocks(t: int) -> int:
+            shard = self.cfg.shard_tokens if self.cfg.shard_tokens is not None else 4 * (t + 1)
+            return len(_cut_blocks(offsets, shard, t + 1)[0])
+
+        lo, hi = 0, seq_len - 1  # the largest seq_len < the current one that gives every worker a block
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if blocks(mid) >= world else (lo, mid - 1)
+        fixes = []
+        if lo >= 1 and blocks(lo) >= world:
+            fixes.append(f"lower seq_len to {lo} (--seq-len {lo})")
+        if self.cfg.shard_tokens is not None:
+            fixes.append("lower shard_tokens")
+        if n_blocks >= 1:
+            fixes.append(f"use {n_blocks} worker{'s' * (n_blocks > 1)} (--workers {n_blocks})")
+        if self.cfg.tokenizer == "bpe":
+            fixes.append("use the byte tokenizer (--tokenizer byte: several times more tokens from the same text)")
+        fixes.append(f"or use a larger text (about {world * shard_tokens:,} training tokens or more)")
+        return (f"the training text is too small: its {int(offsets[-1]):,} training tokens make only {n_blocks} "
+                f"blocks of shard_tokens={shard_tokens} (windows of seq_len + 1 = {seq_len + 1}) but "
+                f"world_size={world} workers each need at least one; " + ", ".join(fixes))
 
     def _check_worker(self, worker: int) -> None:
         if not _is_int(worker) or not 0 <= worker < self.world_size:
@@ -510,9 +592,25 @@ class WorkerStreams:
         ok = n >= self.seq_len + 1
         cum = np.cumsum(n[ok] - self.seq_len)
         if len(cum) == 0:
+            vf = self.corpus.config.val_fraction
+            longest_tail = int(n.max()) if len(n) else 0
+            longest_doc = int((np.diff(self.corpus.train_doc_offsets) + n).max(initial=0))
+            fixes = []
+            if longest_tail >= 2:
+                fixes.append(f"lower seq_len to {longest_tail - 1} (--seq-len {longest_tail - 1})")
+            if longest_doc > self.seq_len + 1:
+                need = math.ceil((self.seq_len + 1) / longest_doc * 100) / 100
+                if need < 1:
+                    fixes.append(f"raise val_fraction to {need:g}")
+            else:
+                fixes.append("raise val_fraction")
+            if self.corpus.config.tokenizer == "bpe":
+                fixes.append("use the byte tokenizer (--tokenizer byte)")
+            fixes.append("or use a larger text")
             raise ConfigError(
-                f"no document's validation tail holds seq_len + 1 = {self.seq_len + 1} tokens "
-                f"(val_fraction={self.corpus.config.val_fraction}); raise val_fraction or lower seq_len"
+                f"the validation text is too small: no document's validation tail (the last "
+                f"val_fraction={vf} of it; the longest holds {longest_tail} tokens) holds seq_len + 1 = "
+                f"{self.seq_len + 1} tokens; " + ", ".join(fixes)
             )
         k = n_batches * bs
         w = ((2 * np.arange(k) + 1) * int(cum[-1])) // (2 * k)  # centres of k equal slices

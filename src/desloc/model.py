@@ -47,6 +47,9 @@ class GPTConfig:
                 f"model n_embd={self.n_embd} must be divisible by n_head={self.n_head}; "
                 f"e.g. n_head={math.gcd(self.n_embd, self.n_head) or 1}"
             )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ConfigError(f"model dropout must be a number in [0, 1), got {self.dropout!r} "
+                              f"({type(self.dropout).__name__}); e.g. dropout=0.1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model dropout must be in [0, 1), got {self.dropout}")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from desloc.data import Corpus
-from desloc.errors import ConfigError
+from desloc.errors import ConfigError, check_finite
 from desloc.model import GPT
 from desloc.records import RunDir
 
@@ -16,12 +16,26 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 200, temperature: flo
            top_k: int | None = 50, worker: int = 0, seed: int = 0) -> str:
     from desloc.train import TrainConfig
 
+    check_finite("--temperature", temperature, "--temperature 0.8")
+    if not temperature > 0:
+        raise ConfigError(f"--temperature must be > 0, got {temperature}; e.g. 0.8 (lower = more "
+                          "conservative; use a small value such as 0.01 for near-greedy text)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"--top-k must be an integer >= 1, got {top_k!r}; e.g. --top-k 50 "
+                          "(1 = greedy; a value >= the vocabulary size keeps every token)")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ConfigError(f"--tokens must be an integer >= 1, got {tokens!r}")
     run = RunDir(run_dir)
-    cfg = TrainConfig.from_dict(run.read_config())
+    if not (run.path / "config.json").is_file():
+        what = "does not exist" if not run.path.exists() else "holds no desloc run (no config.json)"
+        raise ConfigError(f"{str(run.path)!r} {what}; give the --out directory of a `desloc train` run")
+    try:
+        saved = run.read_config()
+    except ValueError as err:  # json.JSONDecodeError
+        raise ConfigError(f"{run.path / 'config.json'} is not valid JSON ({err}); is it a desloc run?") from None
+    cfg = TrainConfig.from_dict(saved)
     if not 0 <= worker < cfg.workers:
         raise ConfigError(f"--worker must be in [0, {cfg.workers}), got {worker}")
-    if tokens < 1:
-        raise ConfigError(f"--tokens must be >= 1, got {tokens}")
     corpus = Corpus.prepare(cfg.data)
     model = GPT(cfg.model_config(corpus.vocab_size))
     try:

@@ -23,7 +23,7 @@ import torch
 
 from desloc.algorithms import MethodConfig, build_method, parse_method_spec
 from desloc.comm import SimulatedComm
-from desloc.errors import ConfigError
+from desloc.errors import ConfigError, check_finite
 from desloc.optim import InnerConfig
 
 OPTIMUM = (1.0, 1.0)
@@ -63,9 +63,15 @@ class ToyConfig:
             raise ConfigError(f"toy workers (M) must be an integer >= 1, got {self.workers!r}")
         if self.steps < 1:
             raise ConfigError(f"toy steps must be >= 1, got {self.steps}")
+        check_finite("toy sigma (gradient noise std)", self.sigma, "sigma=1.5")
         if self.sigma < 0:
             raise ConfigError(f"toy sigma (gradient noise std) must be >= 0, got {self.sigma}")
         self.methods = tuple(self.methods)
+        if not self.methods:
+            raise ConfigError("toy methods lists nothing; give a comma-separated list, e.g. --methods ddp,desloc")
+        dup = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if dup:
+            raise ConfigError(f"toy methods name {', '.join(dup)} more than once; name each once")
         for spec in self.methods:
             parse_method_spec(spec)  # raises ConfigError naming the bad one
         self.mt_betas, self.mt_omegas = tuple(self.mt_betas), tuple(self.mt_omegas)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +24,11 @@ import torch
 
 from desloc.algorithms import MethodConfig, build_method
 from desloc.data import Corpus, DataConfig, WorkerStreams
-from desloc.errors import CheckpointMismatchError, ConfigError
+from desloc.errors import (CheckpointMismatchError, ConfigError, DivergenceError, Interrupted, RunComplete,
+                           RunDirError, check_finite)
 from desloc.model import GPT, GPTConfig
 from desloc.optim import InnerConfig
-from desloc.records import RunDir, plot_run
+from desloc.records import RunDir, config_diff, plot_run
 from desloc.workers import ProcessWorkers, SimWorkers
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -73,13 +76,61 @@ class TrainConfig:
             self.warmup_steps = min(100, self.steps // 10)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ConfigError(f"warmup_steps must be an integer, got {self.warmup_steps!r}; e.g. warmup_steps=10")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"train seed must be an integer >= 0, got {self.seed!r}; e.g. seed=0")
+        check_finite("min_lr_ratio", self.min_lr_ratio, "min_lr_ratio=0.1")
+        check_finite("wsd_decay_fraction", self.wsd_decay_fraction, "wsd_decay_fraction=0.2")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.wsd_decay_fraction <= 1.0:
             raise ConfigError(f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+        if not isinstance(self.model_overrides, dict):
+            raise ConfigError(f"model_overrides must be a dict of model fields, got {self.model_overrides!r}")
+        if "vocab_size" in self.model_overrides:
+            raise ConfigError(
+                f"model vocab_size={self.model_overrides['vocab_size']!r} cannot be overridden: the "
+                "vocabulary comes from the tokenizer; set the BPE size with --vocab-size "
+                "(DataConfig.vocab_size) or use --tokenizer byte (256)"
+            )
         cfg = self.model_config()  # validates preset and overrides
+        if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)):
+            raise ConfigError(f"seq_len must be an integer or None (= block_size), got {self.seq_len!r}")
         if self.seq_len is not None and not 1 <= self.seq_len <= cfg.block_size:
             raise ConfigError(f"seq_len must be in [1, block_size={cfg.block_size}], got {self.seq_len}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
+        self._check_method_inner()
+
+    def _check_method_inner(self) -> None:
+        """The method and the inner optimizer must fit together (else a flag is silently ignored)."""
+        method, inner = self.method, self.inner
+        mt_inner = inner.name.startswith("mtdao")
+        if method.name == "mtdao" and not mt_inner:
+            fix = {"adopt": "mtdao", "adamw": "mtdao-adam"}.get(inner.name)
+            raise ConfigError(
+                f"method mtdao needs the MT-DAO inner optimizer (mtdao = ADOPT flavour, mtdao-adam = Adam "
+                f"flavour), got inner {inner.name!r}; "
+                + (f"use inner {fix!r}" if fix else "there is no SGD flavour; use inner 'mtdao' or 'mtdao-adam'")
+            )
+        periods = method.momentum_periods
+        if periods is not None:
+            if not mt_inner:
+                raise ConfigError(
+                    f"momentum_periods {periods} set one period per MT-DAO momentum, but the inner "
+                    f"optimizer {inner.name!r} has no MT-DAO momenta (they would be ignored); use inner "
+                    "'mtdao' / 'mtdao-adam' (or --method mtdao), or drop --momentum-periods and set --ku"
+                )
+            if len(periods) != len(inner.mt_betas):
+                raise ConfigError(
+                    f"momentum_periods has {len(periods)} entries {periods} but the MT-DAO inner optimizer "
+                    f"has {len(inner.mt_betas)} momenta (mt_betas={list(inner.mt_betas)}); give one period "
+                    "per momentum, or change --mt-betas / --mt-omegas"
+                )
 
     def model_config(self, vocab_size: int | None = None) -> GPTConfig:
         overrides = dict(self.model_overrides)
@@ -124,7 +175,36 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _check_dist_env(cfg: TrainConfig) -> None:
+    """Refuse a half-set torchrun environment, and gloo / nccl without one (or nccl without CUDA)."""
+    present = [k for k in _TORCHRUN_VARS if k in os.environ]
+    missing = [k for k in _TORCHRUN_VARS if k not in os.environ]
+    if present and missing and cfg.backend != "sim":
+        raise ConfigError(
+            f"the torchrun environment is incomplete: {', '.join(present)} set but {', '.join(missing)} "
+            "missing; launch with `torchrun --nproc_per_node M -m desloc ...`, or unset "
+            f"{', '.join(present)} to run the simulator (or pass --backend sim)"
+        )
+    if cfg.backend in ("gloo", "nccl") and missing:
+        raise ConfigError(
+            f"--backend {cfg.backend} needs torchrun's environment ({', '.join(missing)} not set); "
+            f"launch with `torchrun --nproc_per_node {cfg.workers} -m desloc ...`, or drop --backend "
+            "to run the simulator"
+        )
+    if cfg.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--backend nccl needs CUDA, which this torch build / machine does not have; "
+                          "use --backend gloo (CPU) or drop --backend")
+    for key in ("RANK", "WORLD_SIZE"):
+        if key in os.environ and not os.environ[key].strip().isdigit():
+            raise ConfigError(f"environment variable {key}={os.environ[key]!r} must be an integer; "
+                              "it is set by torchrun")
+
+
 def _resolve_backend(cfg: TrainConfig) -> str:
+    _check_dist_env(cfg)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if cfg.backend == "auto":
         return ("nccl" if torch.cuda.is_available() else "gloo") if under_torchrun else "sim"
@@ -136,16 +216,81 @@ def _resolve_backend(cfg: TrainConfig) -> str:
 
 def _device(cfg: TrainConfig, backend: str) -> str:
     if cfg.device != "auto":
+        if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device}: CUDA is not available (torch {torch.__version__}, "
+                              "no GPU or a CPU-only build); use --device cpu or --device auto")
         return cfg.device
     if backend == "nccl":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cuda" if torch.cuda.is_available() and backend == "sim" else "cpu"
 
 
-def _init_process_comm(cfg: TrainConfig, backend: str):
+def _available_memory(device: str) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when unknown)."""
+    if device.startswith("cuda"):
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except Exception:  # noqa: BLE001 - no driver, old torch: skip the check
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_sim_memory(cfg: TrainConfig) -> dict[str, int]:
+    """Rough bytes the simulator needs: M workers x parameters x (parameter + gradient + optimizer
+    and method states), float32, plus one worker's activations (workers run forward one at a time).
+    The vocabulary is taken as the requested BPE size (256 for bytes), its upper bound."""
+    vocab = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 256
+    mcfg = cfg.model_config(vocab)
+    with torch.device("meta"):
+        n_params = GPT(mcfg).num_params()
+    inner = cfg.inner.name
+    states = (len(cfg.inner.mt_betas) + 1 if inner.startswith("mtdao")
+              else (1 if cfg.inner.momentum else 0) if inner == "sgdm" else 2)
+    if cfg.method.outer is not None or cfg.method.name == "gasloc":
+        states += 2  # anchor copy and outer momentum
+    per_worker = n_params * (2 + states) * 4
+    tokens = cfg.batch_size * cfg.context
+    activations = tokens * (16 * mcfg.n_layer * mcfg.n_embd + 3 * mcfg.vocab_size) * 4
+    return {"params": n_params, "states": states, "per_worker": per_worker, "activations": activations,
+            "total": cfg.workers * per_worker + n_params * 4 + activations}
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail fast, before any data is read or memory allocated: the engine's environment, the
+    device, and whether the simulator's M replicas fit in the available memory."""
+    backend = _resolve_backend(cfg)
+    device = _device(cfg, backend)
+    if backend != "sim":
+        return
+    est = estimate_sim_memory(cfg)
+    avail = _available_memory(device)
+    if avail is None or est["total"] <= avail:
+        return
+    fit = max(0, (avail - est["total"] + cfg.workers * est["per_worker"]) // est["per_worker"])
+    where = "GPU" if device.startswith("cuda") else "RAM"
+    raise ConfigError(
+        f"the simulator would need about {est['total'] / 1e9:.1f} GB for M={cfg.workers} workers of a "
+        f"{est['params'] / 1e6:.2f}M-parameter model (parameter, gradient and {est['states']} optimizer/method "
+        f"states per worker in float32, plus activations) but only {avail / 1e9:.1f} GB of {where} is "
+        f"available; use fewer workers (about {fit} fit: --workers {max(1, fit)}), a smaller model "
+        "(--model / --set), or one process per worker (torchrun)"
+    )
+
+
+def _init_process_comm(cfg: TrainConfig, backend: str, timeout_s: float = 600.0):
     from desloc.comm.torch_dist import TorchDistComm, init_from_env
 
-    init_from_env(backend)
+    init_from_env(backend, timeout_s=timeout_s)
     comm = TorchDistComm()
     if comm.world_size != cfg.workers:
         raise ConfigError(f"--workers {cfg.workers} but torchrun started {comm.world_size} processes; "
@@ -164,18 +309,93 @@ def _prepare_corpus(cfg: TrainConfig, comm) -> Corpus:
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: int | None = None,
-          progress: bool | None = None) -> dict[str, Any]:
-    """Run (or resume) a training run into ``out``; returns the summary (also summary.json)."""
-    run = RunDir(out)
-    if resume:
-        saved = run.read_config()
-        if saved != cfg.to_dict():
-            diff = [k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k)]
-            raise CheckpointMismatchError(f"--resume: the run in {out} was made with different "
-                                          f"settings ({sorted(diff)}); resume without changing them")
+          progress: bool | None = None, overwrite: bool = False, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run (or resume) a training run into ``out``; returns the summary (also summary.json).
+
+    ``out`` must be empty (or hold only desloc's records and ``overwrite`` is set) unless
+    ``resume``. Raises :class:`RunComplete` when resuming a finished run (nothing changes),
+    :class:`DivergenceError` on a non-finite loss or state (nothing non-finite is checkpointed)
+    and :class:`Interrupted` after SIGINT / SIGTERM (the current step finishes and is saved).
+    """
+    check_resources(cfg)
     backend = _resolve_backend(cfg)
+    is_main = backend == "sim" or int(os.environ.get("RANK", "0")) == 0
+    run = RunDir(out, quiet=not is_main)
+    if is_main:
+        run.lock()
+    try:
+        start_step = _check_run_dir(run, cfg, backend) if resume else None
+        if is_main and not resume:
+            run.start_fresh(cfg.to_dict(), overwrite)
+        with _StopOnSignal() as stop:
+            return _train(cfg, run, backend, start_step, stop_after, progress, stop, timeout_s)
+    finally:
+        run.unlock()
+
+
+def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
+    """--resume: the run must exist with the same settings, be unfinished, and keep a checkpoint."""
+    saved = run.read_config()
+    diff = config_diff(saved, cfg.to_dict())
+    if diff:
+        raise CheckpointMismatchError(f"--resume: the run in {run.path} was made with different "
+                                      f"settings ({'; '.join(diff)}); resume without changing them")
+    summary = run.read_summary()
+    if summary is not None and summary.get("status") == "diverged":
+        raise RunDirError(f"the run in {run.path} diverged at step {summary.get('diverged_at_step')}; resuming "
+                          "would repeat it. Start a new run (another --out, or --overwrite) with a lower "
+                          "--lr or a longer --warmup")
+    if summary is not None and summary.get("steps") == cfg.steps:
+        raise RunComplete(f"the run in {run.path} is complete ({cfg.steps} steps, final val loss "
+                          f"{summary.get('final_val_loss')}); nothing was changed. To train longer, start a "
+                          "new run with more --steps", summary)
+    ranks = [0] if backend == "sim" else list(range(cfg.workers))
+    step = run.resume_step(ranks)
+    if step is None and (run.read_metrics() or run.checkpoint_steps()):
+        raise RunDirError(f"--resume: no valid checkpoint in {run.ckpt_root}, but the run has records; nothing "
+                          "was changed. Start again with --overwrite (this discards them) or choose another --out")
+    return step
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\ndesloc: {signal.Signals(signum).name} received: finishing this step and saving a "
+                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, workers) -> int | None:
+        """The signal to stop on, agreed by every worker (any one of them received it)."""
+        if workers.engine == "sim":
+            return self.signum
+        flag = torch.tensor([float(self.signum or 0)], dtype=torch.float64, device=workers.parameters()[0].device)
+        workers.comm.all_reduce_mean([flag], ["metrics"])
+        return (self.signum or signal.SIGTERM) if flag.item() > 0 else None
+
+
+def _train(cfg: TrainConfig, run: RunDir, backend: str, start_step: int | None, stop_after: int | None,
+           progress: bool | None, stop: _StopOnSignal, timeout_s: float) -> dict[str, Any]:
     device = _device(cfg, backend)
-    comm = _init_process_comm(cfg, backend) if backend != "sim" else None
+    comm = _init_process_comm(cfg, backend, timeout_s) if backend != "sim" else None
     corpus = _prepare_corpus(cfg, comm)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config(corpus.vocab_size)).to(device)  # same seed -> same init everywhere
@@ -188,8 +408,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
 
     start, elapsed_before = 0, 0.0
     rank = workers.local_workers[0] if backend != "sim" else 0
-    if resume and run.latest_step() is not None:
-        ckpt = run.load_checkpoint(rank)
+    if start_step is not None:
+        ckpt = run.load_checkpoint(rank, start_step)
         if ckpt["data_fingerprint"] != corpus.fingerprint:
             raise CheckpointMismatchError("checkpoint was trained on different data or tokenizer "
                                           f"({ckpt['data_fingerprint']} vs {corpus.fingerprint})")
@@ -199,10 +419,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
         start, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
         if workers.is_main:
             run.truncate_metrics(start)
-    elif workers.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(cfg.to_dict())
-        (run.path / "metrics.jsonl").write_text("")
+    elif workers.is_main and run.read_metrics():
+        run.truncate_metrics(0)  # --resume of a run that crashed before its first checkpoint
 
     tokens_per_step = cfg.workers * cfg.batch_size * cfg.context
     n_params = sum(p.numel() for p in model.parameters())
@@ -215,13 +433,17 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=cfg.method.name, unit="step")
     t0 = time.perf_counter()
     val_loss = None
+    stop_signal = None
+    last_ckpt = start
     for step in range(start, end):
         batches = [streams.batch(m, step) for m in workers.local_workers]
-        stats = workers.forward_backward(batches, device.split(":")[0], cfg.bf16)
+        stats = workers.forward_backward(batches, device.split(":")[0], cfg.bf16, seed=cfg.seed, step=step)
+        done = step + 1
+        if not math.isfinite(stats["loss"]):
+            _diverged(run, workers, cfg, done, f"the training loss is {stats['loss']}", last_ckpt)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
-        done = step + 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         if is_eval:
             val_loss = workers.evaluate(val_batches, device.split(":")[0], cfg.bf16)
@@ -242,9 +464,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
                     print(f"[{cfg.method.name}] step {done}/{cfg.steps} loss {stats['loss']:.4f}{vl} "
                           f"sent {_human_bytes(summary['bytes_sent'])}", file=sys.stderr, flush=True)
         bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == end:
+        stop_signal = stop.requested(workers)
+        if done % cfg.ckpt_every == 0 or done == end or stop_signal is not None:
+            if not _state_is_finite(opt, workers):
+                _diverged(run, workers, cfg, done, "parameters or optimizer states are not finite", last_ckpt)
             _checkpoint(run, workers, opt, sched, done, elapsed_before + time.perf_counter() - t0,
                         corpus.fingerprint, rank, backend)
+            last_ckpt = done
+        if stop_signal is not None:
+            end = done
+            break
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - t0
     result = _summary(cfg, opt, workers, backend, end, val_loss, elapsed, n_params, tokens_per_step)
@@ -257,7 +486,34 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
 
         workers.comm.barrier()
         shutdown()
+    if stop_signal is not None:
+        raise Interrupted(f"{signal.Signals(stop_signal).name}: stopped after step {end} of {cfg.steps} and "
+                          f"saved a checkpoint; continue with: desloc train --out {run.path} --resume",
+                          int(stop_signal), end)
     return result
+
+
+def _state_is_finite(opt, workers) -> bool:
+    """Every parameter and optimizer-state tensor finite, on every worker."""
+    tensors = list(opt.params) + [v for s in opt.inner.state.values() for v in s.values()
+                                  if torch.is_tensor(v) and v.is_floating_point()]
+    bad = float(not all(bool(torch.isfinite(t).all()) for t in tensors))
+    if workers.engine != "sim":
+        flag = torch.tensor([bad], dtype=torch.float64, device=tensors[0].device)  # NCCL: on the GPU
+        workers.comm.all_reduce_mean([flag], ["metrics"])
+        bad = flag.item()
+    return bad == 0
+
+
+def _diverged(run: RunDir, workers, cfg: TrainConfig, step: int, what: str, last_ckpt: int) -> None:
+    """Record the divergence (summary.json, status "diverged") and stop with DivergenceError."""
+    if workers.is_main:
+        run.write_summary({"status": "diverged", "diverged_at_step": step, "reason": what,
+                           "method": cfg.method.name, "workers": cfg.workers, "steps": cfg.steps,
+                           "last_checkpoint_step": last_ckpt if last_ckpt > 0 else None, "seed": cfg.seed})
+    raise DivergenceError(f"training diverged at step {step}: {what}. Nothing non-finite was checkpointed "
+                          f"(last checkpoint: step {last_ckpt}). Lower --lr (now {cfg.inner.lr:g}) or raise "
+                          f"--warmup (now {cfg.warmup_steps})", step)
 
 
 def _checkpoint(run, workers, opt, sched, step, elapsed, fingerprint, rank, backend) -> None:
@@ -267,7 +523,7 @@ def _checkpoint(run, workers, opt, sched, step, elapsed, fingerprint, rank, back
     if backend != "sim":
         workers.comm.barrier()
     if workers.is_main:
-        run.publish_checkpoint(step)
+        run.publish_checkpoint(step, ranks=1 if backend == "sim" else workers.world_size)
 
 
 def _summary(cfg, opt, workers, backend, steps, val_loss, elapsed, n_params, tokens_per_step) -> dict[str, Any]:

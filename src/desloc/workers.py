@@ -3,19 +3,66 @@
 Both expose the same small surface to the training loop -- forward/backward on each local
 worker's batch, per-worker metrics averaged over all workers, evaluation, and the model state
 to checkpoint -- so ``train.py`` has one loop for both engines.
+
+Randomness (dropout) is part of the run, and stateless like the data: worker m's forward and
+backward at step t run inside :func:`worker_rng`, which forks the global RNG and seeds it from
+(seed, m, t) alone. So the simulator's worker m and torchrun's rank m draw the same dropout
+masks, every worker draws its own, and a resumed run draws what the uninterrupted run drew --
+with no RNG state to checkpoint. The global RNG outside is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from desloc.comm import SimulatedComm
 from desloc.comm.base import Communicator
 from desloc.sim import StackedReplicas
+
+
+# Extra entropy word: the dropout stream of (seed, worker, step) is not the data stream's
+# (desloc.data draws batches from SeedSequence((seed, worker, step))).
+_RNG_STREAM = 0x64726F70  # "drop"
+
+
+def worker_seed(seed: int, worker: int, step: int) -> int:
+    """The seed of worker ``worker``'s random draws at step ``step``: a pure function of
+    (seed, worker, step), below 2**63."""
+    state = np.random.SeedSequence([int(seed), int(worker), int(step), _RNG_STREAM]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+@contextlib.contextmanager
+def worker_rng(seed: int, worker: int, step: int, device: torch.device | str) -> Iterator[None]:
+    """Run the block with the global RNG of the CPU (and of ``device``, if an accelerator)
+    seeded by :func:`worker_seed`; the previous RNG states are restored afterwards."""
+    device = torch.device(device)
+    s = worker_seed(seed, worker, step)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.default_generator.manual_seed(s)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(s)  # this device only: the others' RNGs are not forked
+            yield
+    elif device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(s)
+            yield
+    else:  # other accelerators: fork and seed everything
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(s)
+            yield
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _autocast(device: str, bf16: bool):
@@ -41,13 +88,16 @@ class SimWorkers:
     def model(self, worker: int) -> nn.Module:
         return self.replicas[worker]
 
-    def forward_backward(self, batches, device: str, bf16: bool) -> dict[str, float]:
+    def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int) -> dict[str, float]:
+        """Each worker's forward/backward on its batch; random draws from (seed, worker, step)."""
         self.replicas.zero_grad()
         losses = []
         for m, (x, y) in zip(self.local_workers, batches):
-            with _autocast(device, bf16):
-                _, loss = self.replicas[m](x.to(device), y.to(device))
-            loss.backward()
+            replica = self.replicas[m]
+            with worker_rng(seed, m, step, _model_device(replica)):
+                with _autocast(device, bf16):
+                    _, loss = replica(x.to(device), y.to(device))
+                loss.backward()
             losses.append(loss.item())
         self.replicas.collect_grads()
         stacked = self.replicas.parameters()
@@ -102,12 +152,14 @@ class ProcessWorkers:
         self.comm.all_reduce_mean([t], ["metrics"])
         return t.tolist()
 
-    def forward_backward(self, batches, device: str, bf16: bool) -> dict[str, float]:
+    def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int) -> dict[str, float]:
+        """This rank's forward/backward; random draws from (seed, rank, step), as the simulator's."""
         self.net.zero_grad(set_to_none=True)
         (x, y), = batches
-        with _autocast(device, bf16):
-            _, loss = self.net(x.to(device), y.to(device))
-        loss.backward()
+        with worker_rng(seed, self.rank, step, _model_device(self.net)):
+            with _autocast(device, bf16):
+                _, loss = self.net(x.to(device), y.to(device))
+            loss.backward()
         gsq = sum(p.grad.float().pow(2).sum() for p in self.net.parameters() if p.grad is not None)
         loss_mean, gnorm = self._mean([loss.item(), float(gsq) ** 0.5])
         return {"loss": loss_mean, "grad_norm": gnorm}

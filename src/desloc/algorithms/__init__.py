@@ -16,7 +16,7 @@ from desloc.algorithms.ddp import DDP
 from desloc.algorithms.desloc import DesLoc
 from desloc.algorithms.gasloc import GasLoc
 from desloc.comm.base import Communicator
-from desloc.errors import ConfigError, check_period
+from desloc.errors import ConfigError, check_finite, check_period
 
 
 AUTO = "auto"  # a period resolved from period_x by the method
@@ -65,6 +65,10 @@ class MethodConfig:
         for field in ("period_u", "period_v"):
             if getattr(self, field) != AUTO:
                 check_period(f"{field} (K_{field[-1]})", getattr(self, field), allow_none=True)
+        if self.clip_rho is not None:
+            check_finite("clip_rho", self.clip_rho, "clip_rho=1.0, or None (off)")
+        check_finite("outer_lr", self.outer_lr, "outer_lr=0.7 (DiLoCo)")
+        check_finite("outer_momentum", self.outer_momentum, "outer_momentum=0.9 (DiLoCo)")
         if self.clip_rho is not None and not self.clip_rho > 0:
             raise ConfigError(f"clip_rho must be > 0 or None (off), got {self.clip_rho}")
         if self.name in ("diloco", "gasloc") and self.outer is None:
@@ -141,6 +145,12 @@ def _periods(cfg: MethodConfig, roles: dict[str, str], u: int | None, v: int | N
             out[name] = cfg.momentum_periods[j]
         else:
             out[name] = u
+    if cfg.momentum_periods is not None and u is not None:
+        n_momenta = sum(1 for r in roles.values() if r.startswith("u") and r[1:].isdigit())
+        if len(cfg.momentum_periods) != n_momenta:
+            raise ConfigError(f"momentum_periods has {len(cfg.momentum_periods)} entries but the inner "
+                              f"optimizer has {n_momenta} MT-DAO momenta (u0, u1, ...); give one period "
+                              "per momentum" + ("" if n_momenta else ", or drop momentum_periods"))
     return out
 
 
@@ -182,6 +192,7 @@ def _build_diloco(cfg, inner, comm, roles, **kw):
 
 
 def _build_gasloc(cfg, inner, comm, roles, **kw):
+    kw.setdefault("state_names", list(roles))
     return GasLoc(inner, comm, cfg.period_x, topology=cfg.topology, outer_lr=cfg.outer_lr,
                   outer_momentum=cfg.outer_momentum, nesterov=cfg.outer == "nesterov",
                   local_steps=cfg.local_steps, seed=cfg.gossip_seed, clip_rho=cfg.clip_rho, **kw)

@@ -2,9 +2,17 @@
 step, clip, delegate the local step, and save/restore everything in ``state_dict``.
 
 A subclass implements two hooks around the inner step: ``_before_local_step`` (e.g. DDP's
-gradient all-reduce) and ``_after_local_step`` (e.g. DES-LOC's periodic averaging). The wrapper
-is itself a ``torch.optim.Optimizer`` sharing the inner optimizer's ``param_groups`` dicts, so LR
-schedulers built on the wrapper drive the inner optimizer.
+gradient all-reduce) and ``_after_local_step`` (e.g. DES-LOC's periodic averaging).
+
+The wrapper is itself a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and
+``defaults`` *are* the inner optimizer's (properties reading and writing ``self.inner``'s, never
+copies), so LR schedulers built on the wrapper drive the inner optimizer, before and after
+``load_state_dict`` (which replaces the inner's group dicts), and ``add_param_group`` on the
+wrapper adds the group to the inner optimizer. Methods that keep per-parameter state of their own
+extend it in ``_on_param_group_added`` (DES-LOC's outer-optimizer anchor, GASLoC's anchor): a
+group added on every worker, in the same order, is stepped by the inner optimizer and synced like
+the others. Step hooks (``register_step_pre_hook`` / ``register_step_post_hook``) registered on
+the wrapper run around the wrapper's ``step``.
 """
 
 from __future__ import annotations
@@ -49,13 +57,93 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.comm = comm
         self.clip_rho = None if clip_rho is None else float(clip_rho)
         self.global_step = 0
-        super().__init__(inner.param_groups, inner.defaults)  # shares the group dicts
-        self.state = inner.state
+        # Optimizer.__init__ sets up the hook machinery; it also assigns ``state`` and
+        # ``param_groups`` and adds the groups, which must not touch the inner optimizer: while
+        # constructing, the setters and add_param_group below ignore it.
+        self._constructing = True
+        try:
+            super().__init__(inner.param_groups, inner.defaults)
+        finally:
+            self._constructing = False
+
+    # ------------------------------------------------- the inner's groups and state
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if not self.__dict__.get("_constructing", False):
+            self.inner.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if not self.__dict__.get("_constructing", False):
+            self.inner.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        if not self.__dict__.get("_constructing", False):
+            self.inner.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add ``param_group`` to the inner optimizer (with its defaults), then let the method
+        extend its own per-parameter state. Do it on every worker alike, as at construction."""
+        if self.__dict__.get("_constructing", False):
+            return  # Optimizer.__init__ re-adding the inner's own groups
+        n_before = len(self.inner.param_groups)
+        self.inner.add_param_group(param_group)
+        new = [p for group in self.inner.param_groups[n_before:] for p in group["params"]]
+        self._on_param_group_added(new)
+
+    def _on_param_group_added(self, params: list[torch.Tensor]) -> None:
+        """Hook: ``params`` were just added to the inner optimizer (after the existing ones)."""
 
     # ----------------------------------------------------------------- contract
     @property
     def params(self) -> list[torch.Tensor]:
         return [p for group in self.inner.param_groups for p in group["params"]]
+
+    def state_tensors(self, name: str) -> list[torch.Tensor]:
+        """The named state of every parameter that has it, in parameter order."""
+        return [self.inner.state[p][name] for p in self.params if name in self.inner.state[p]]
+
+    def discover_states(self) -> list[str]:
+        """Names of the tensor states the inner optimizer keeps per coordinate, as far as shapes
+        tell: a tensor with at least one dimension and its parameter's shape. Only used to
+        *report* states nobody declared; what is synced comes from the declared names (a 0-dim
+        parameter's states are indistinguishable from scalar counters such as Adam's ``step``)."""
+        names: list[str] = []
+        for p in self.params:
+            for name, value in self.inner.state[p].items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape and name not in names:
+                    names.append(name)
+        return names
+
+    def _check_declared_states(self, declared: list[str], where: str) -> None:
+        """After the first local step: every declared state exists, and no per-coordinate state
+        is left undeclared. ``where`` names the argument that declares them, for the error."""
+        present = {name for p in self.params for name, v in self.inner.state[p].items() if torch.is_tensor(v)}
+        found = self.discover_states()
+        unknown = [n for n in declared if n not in present]
+        if unknown:
+            raise ConfigError(
+                f"{where} names {unknown} but {type(self.inner).__name__} has states {found or sorted(present)}; "
+                "use those names (None = never sync)"
+            )
+        missing = [n for n in found if n not in declared]
+        if missing:
+            fix = ("have no sync period; add them to state_periods (None keeps them local)"
+                   if where == "state_periods" else f"are not declared; add them to {where}")
+            raise ConfigError(f"{type(self.inner).__name__} state(s) {missing} {fix}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -119,9 +207,6 @@ class LocalOptimizer(torch.optim.Optimizer):
                 "resume with the checkpoint's settings"
             )
         self.inner.load_state_dict(state_dict["inner"])
-        # Optimizer.load_state_dict builds new group dicts: share them again.
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
         self.global_step = int(meta["global_step"])
         self.comm.ledger.load_state_dict(meta["ledger"])
         self._load_extra_state(meta.get("extra", {}))
@@ -166,7 +251,7 @@ class LocalOptimizer(torch.optim.Optimizer):
             "ddp_equivalent_bytes": ddp,
             "ratio_vs_ddp": (ddp / ledger.total_bytes) if ledger.total_bytes else float("inf"),
         }
-        if ledger.bytes_by_link:  # gossip: point-to-point traffic (this process's links)
+        if ledger.bytes_by_link:  # gossip: point-to-point traffic (every link of the run)
             summary["bytes_by_link"] = dict(ledger.bytes_by_link)
             summary["bytes_by_worker"] = ledger.bytes_by_worker()
         return summary

@@ -9,11 +9,14 @@ Update (DES-LOC, Iacob et al. 2025; averaging after the local step, Local-SGD co
         for each state j:
             if (t+1) % K_j == 0:  s^{j,m} <- E_m[s^j]   for all m            # tag = state name
 
-States s^j are discovered from the inner optimizer's per-parameter state: every tensor with
-the parameter's shape (Adam: ``exp_avg`` = u, ``exp_avg_sq`` = v; SGD: ``momentum_buffer``).
-Scalar counters (Adam's ``step``) are never communicated; every worker's counter is identical
-because all workers step together. Sync decisions use the global step, so workers cannot
-disagree about what to send.
+States s^j are the names in ``state_periods`` (Adam: ``exp_avg`` = u, ``exp_avg_sq`` = v; SGD:
+``momentum_buffer``; ``build_method`` takes them from the inner optimizer's declared state roles),
+looked up by name in the inner optimizer's per-parameter state -- never guessed from shapes,
+which cannot tell a 0-dim parameter's moments from a scalar counter. After the first step a
+declared name the inner optimizer lacks is a ``ConfigError``, and so is a per-coordinate state
+(a tensor with the parameter's shape, >= 1 dimension) nobody declared. Scalar counters (Adam's
+``step``) are never communicated; every worker's counter is identical because all workers step
+together. Sync decisions use the global step, so workers cannot disagree about what to send.
 
 Symbols -> arguments: K_x -> ``period_x``; K_u, K_v (K_j) -> ``state_periods[name]``
 (None = never); rho -> ``clip_rho``. Paper defaults K_u = 3 K_x, K_v = 6 K_x.
@@ -44,6 +47,10 @@ outer optimizer over an anchor copy xbar (the parameters at the start of the rou
 Communication is unchanged (one model-sized all-reduce per parameter sync). The anchor and the
 outer optimizer's state are part of ``state_dict``. Outer SGD with lr 1 and no momentum gives
 xbar - (xbar - E[x]) = E[x]: plain averaging (tests/test_outer.py).
+
+``add_param_group`` (on every worker alike): the inner optimizer steps the new parameters and
+they are averaged with the others; with an outer optimizer their anchor starts at their current
+value (xbar_0 = x_0) and joins the outer optimizer as a new group of its own.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ import torch
 
 from desloc.algorithms.base import LocalOptimizer
 from desloc.comm.base import Communicator
-from desloc.errors import ConfigError, check_period
+from desloc.errors import CheckpointMismatchError, ConfigError, check_period
 
 
 class DesLoc(LocalOptimizer):
@@ -79,7 +86,7 @@ class DesLoc(LocalOptimizer):
         self.period_x = period_x
         self.state_periods = dict(state_periods)
         self.reset_states_on_param_sync = bool(reset_states_on_param_sync)
-        self._state_names: list[str] | None = None  # discovered after the first local step
+        self._state_names: list[str] | None = None  # checked after the first local step
         self.anchor: list[torch.Tensor] | None = None
         self.outer: torch.optim.Optimizer | None = None
         if outer is not None:
@@ -88,34 +95,18 @@ class DesLoc(LocalOptimizer):
             if not isinstance(self.outer, torch.optim.Optimizer):
                 raise TypeError(f"outer must build a torch.optim.Optimizer, got {type(self.outer).__name__}")
 
-    # --------------------------------------------------------------- discovery
-    def state_tensors(self, name: str) -> list[torch.Tensor]:
-        """The named state of every parameter, in parameter order."""
-        return [self.inner.state[p][name] for p in self.params if name in self.inner.state[p]]
-
-    def discover_states(self) -> list[str]:
-        names: list[str] = []
-        for p in self.params:
-            for name, value in self.inner.state[p].items():
-                if torch.is_tensor(value) and value.shape == p.shape and name not in names:
-                    names.append(name)
-        return names
-
+    # ----------------------------------------------------------------- states
     def _validate_states(self) -> None:
-        found = self.discover_states()
-        unknown = [n for n in self.state_periods if n not in found]
-        if unknown:
-            raise ConfigError(
-                f"state_periods names {unknown} but {type(self.inner).__name__} has states "
-                f"{found}; use those names (None = never sync)"
-            )
-        missing = [n for n in found if n not in self.state_periods]
-        if missing:
-            raise ConfigError(
-                f"{type(self.inner).__name__} state(s) {missing} have no sync period; add them to "
-                "state_periods (None keeps them local)"
-            )
-        self._state_names = found
+        names = list(self.state_periods)
+        self._check_declared_states(names, "state_periods")
+        self._state_names = names
+
+    def _on_param_group_added(self, params: list[torch.Tensor]) -> None:
+        if self.outer is None or self.anchor is None:
+            return
+        new = [p.detach().clone() for p in params]
+        self.anchor += new
+        self.outer.add_param_group({"params": new})
 
     # -------------------------------------------------------------------- sync
     def _after_local_step(self) -> None:
@@ -170,6 +161,9 @@ class DesLoc(LocalOptimizer):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if self.outer is None or self.anchor is None:
             return
+        if len(state["anchor"]) != len(self.anchor):
+            raise CheckpointMismatchError(f"checkpoint has {len(state['anchor'])} outer anchors but this "
+                                          f"optimizer has {len(self.anchor)} parameters")
         for a, saved in zip(self.anchor, state["anchor"]):
             a.copy_(saved)
         self.outer.load_state_dict(state["outer"])

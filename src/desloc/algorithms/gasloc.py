@@ -28,6 +28,15 @@ Symbols -> arguments: H -> ``period``; H_i -> ``local_steps[i]``; eta, mu -> ``o
 Communication per round and worker: deg_i model-sized tensors (one-peer: 1, two-peer and ring:
 2, complete: one all-reduce), counted per link in ``ledger.bytes_by_link``.
 Idle steps still advance scalar counters such as Adam's ``step`` (in both engines alike).
+
+The inner states an idle worker keeps untouched are named by ``state_names`` (``build_method``
+passes the inner optimizer's declared state roles, e.g. ``exp_avg``, ``exp_avg_sq``), never
+guessed from shapes: a 0-dim parameter's moments look like scalar counters on torch.distributed.
+After the first step a declared name the inner optimizer lacks, or an undeclared per-coordinate
+state, is a ``ConfigError``.
+
+``add_param_group`` (on every worker alike): the new parameters get an anchor (their current
+value) that joins the outer optimizer as a new group and is gossiped with the others.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import torch
 
 from desloc.algorithms.base import LocalOptimizer
 from desloc.comm.base import Communicator
-from desloc.errors import ConfigError, check_period
+from desloc.errors import CheckpointMismatchError, ConfigError, check_period
 from desloc.topology import TOPOLOGIES, mixing
 
 
@@ -59,8 +68,13 @@ class GasLoc(LocalOptimizer):
         seed: int = 0,
         clip_rho: float | None = None,
         assume_elementwise: bool = False,
+        state_names: Sequence[str] | None = None,
     ):
         check_period("period (H)", period)
+        if state_names is None or isinstance(state_names, str):
+            raise ConfigError("GasLoc needs state_names: the names of the inner optimizer's per-parameter "
+                              "states (e.g. ['exp_avg', 'exp_avg_sq'] for Adam, [] for plain SGD; "
+                              "InnerConfig.state_roles() gives them)")
         if topology not in TOPOLOGIES:
             raise ConfigError(f"unknown topology {topology!r}; choose one of {TOPOLOGIES}")
         m = comm.world_size
@@ -75,6 +89,13 @@ class GasLoc(LocalOptimizer):
         self.outer = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum,
                                      nesterov=nesterov and outer_momentum > 0)
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.state_names = list(state_names)
+        self._states_checked = False
+
+    def _on_param_group_added(self, params: list[torch.Tensor]) -> None:
+        new = [p.detach().clone() for p in params]
+        self.anchor += new
+        self.outer.add_param_group({"params": new})
 
     # ----------------------------------------------------------- idle workers
     def _idle_workers(self) -> list[int]:
@@ -87,9 +108,11 @@ class GasLoc(LocalOptimizer):
         return [0] if rank in idle else []
 
     def _tensors(self) -> list[torch.Tensor]:
+        """Parameters and their declared per-coordinate states (what an idle worker keeps)."""
         out = list(self.params)
         for p in self.params:
-            out += [v for v in self.inner.state[p].values() if torch.is_tensor(v) and v.shape == p.shape]
+            state = self.inner.state[p]
+            out += [state[n] for n in self.state_names if n in state]
         return out
 
     def _before_local_step(self) -> None:
@@ -101,6 +124,9 @@ class GasLoc(LocalOptimizer):
             self._idle_rows = rows
 
     def _after_local_step(self) -> None:
+        if not self._states_checked:
+            self._check_declared_states(self.state_names, "state_names")
+            self._states_checked = True
         if self._saved:
             for t, saved in self._saved:
                 if self._idle_rows:
@@ -135,6 +161,9 @@ class GasLoc(LocalOptimizer):
         return {"anchor": [a.detach().clone() for a in self.anchor], "outer": self.outer.state_dict()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if len(state["anchor"]) != len(self.anchor):
+            raise CheckpointMismatchError(f"checkpoint has {len(state['anchor'])} outer anchors but this "
+                                          f"optimizer has {len(self.anchor)} parameters")
         for a, saved in zip(self.anchor, state["anchor"]):
             a.copy_(saved)
         self.outer.load_state_dict(state["outer"])

@@ -11,7 +11,8 @@ An algorithm sees its workers only through a :class:`Communicator`. Two real imp
 
 Algorithms are written once against this interface and never import ``torch.distributed``
 (``tests/test_layering.py`` enforces it). Every collective records its payload in
-``self.ledger`` from inside the implementation.
+``self.ledger`` from inside the implementation, through the shared helpers
+:meth:`Communicator._record_all_reduce` and :meth:`Communicator._record_mix`.
 """
 
 from __future__ import annotations
@@ -69,3 +70,24 @@ class Communicator(ABC):
     def _check_args(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
         if len(tensors) != len(tags):
             raise ValueError(f"all_reduce_mean got {len(tensors)} tensors but {len(tags)} tags")
+
+    # Ledger bookkeeping, shared by every implementation so that both engines count alike
+    # (the definitions are in desloc.comm.ledger).
+    def _record_all_reduce(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
+        """One ``all_reduce_mean`` call: every worker sends each tensor's payload once."""
+        if not tensors:
+            return
+        for tensor, tag in zip(tensors, tags):
+            self.ledger.record(tag, self.payload_bytes(tensor))
+        self.ledger.record_call(tags)
+
+    def _record_mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
+                    neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:
+        """One ``mix`` call: every link ``j -> i`` (``W_ij > 0``, ``i != j``) of the round, for
+        every worker -- each worker knows W, so every process records the same links."""
+        if not tensors:
+            return
+        links = sorted((j, i) for i, row in enumerate(neighbours) for j, w in row if j != i and w > 0)
+        for tensor, tag in zip(tensors, tags):
+            self.ledger.record_links(tag, self.payload_bytes(tensor), links)
+        self.ledger.record_call(tags)

@@ -34,7 +34,7 @@ class SimulatedComm(Communicator):
                 "use 1 for a single worker"
             )
         self.world_size = world_size
-        self.ledger = CommLedger()
+        self.ledger = CommLedger(world_size)
 
     @property
     def stacked(self) -> bool:
@@ -48,12 +48,12 @@ class SimulatedComm(Communicator):
         self._check_args(tensors, tags)
         if not tensors:
             return
-        for tensor, tag in zip(tensors, tags):
+        for tensor in tensors:
             self._check_stacked(tensor)
-            self.ledger.record(tag, self.payload_bytes(tensor))
+        self._record_all_reduce(tensors, tags)
+        for tensor in tensors:
             mean = tensor.sum(dim=0, keepdim=True).div_(self.world_size)
             tensor.copy_(mean.expand_as(tensor))
-        self.ledger.record_collective(1)
 
     def mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
             neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:
@@ -62,17 +62,12 @@ class SimulatedComm(Communicator):
             raise ValueError(f"mix needs one neighbour list per worker ({self.world_size}), got {len(neighbours)}")
         if not tensors:
             return
-        links = [(j, i) for i, row in enumerate(neighbours) for j, w in row if j != i and w > 0]
-        for tensor, tag in zip(tensors, tags):
+        for tensor in tensors:
             self._check_stacked(tensor)
-            nbytes = self.payload_bytes(tensor)
-            # per-worker mean of what was sent (equal for every worker on regular topologies)
-            self.ledger.record(tag, nbytes * len(links) // self.world_size)
-            for src, dst in links:
-                self.ledger.record_link(src, dst, nbytes)
+        self._record_mix(tensors, tags, neighbours)
+        for tensor in tensors:
             mixed = torch.stack([mix_rows(tensor, row) for row in neighbours])
             tensor.copy_(mixed)
-        self.ledger.record_collective(1)
 
     def _check_stacked(self, tensor: torch.Tensor) -> None:
         if tensor.dim() == 0 or tensor.shape[0] != self.world_size:

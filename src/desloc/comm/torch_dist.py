@@ -71,7 +71,8 @@ class TorchDistComm(Communicator):
         self.bucket_bytes = int(bucket_bytes)
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.ledger = CommLedger()
+        self.ledger = CommLedger(self.world_size)
+        self.buckets_reduced = 0  # network all-reduces issued (several per call when bucketed)
         self._flat_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     @property
@@ -86,9 +87,9 @@ class TorchDistComm(Communicator):
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
         self._check_args(tensors, tags)
+        self._record_all_reduce(tensors, tags)
         by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
-        for tensor, tag in zip(tensors, tags):
-            self.ledger.record(tag, self.payload_bytes(tensor))
+        for tensor in tensors:
             by_kind[(tensor.dtype, tensor.device)].append(tensor)
         for group_tensors in by_kind.values():
             for bucket in self._buckets(group_tensors):
@@ -120,7 +121,7 @@ class TorchDistComm(Communicator):
                 n = t.numel()
                 torch.div(flat[offset : offset + n].view_as(t), self.world_size, out=t)  # = copy of sum / M
                 offset += n
-        self.ledger.record_collective(1)
+        self.buckets_reduced += 1
 
     def _flat_buffer(self, like: torch.Tensor, numel: int) -> torch.Tensor:
         """A flat tensor of ``numel`` elements of ``like``'s kind, reused across calls."""
@@ -150,11 +151,7 @@ class TorchDistComm(Communicator):
         row = sorted(neighbours[me])
         recv_from = [j for j, w in row if j != me and w > 0]
         send_to = [i for i, r in enumerate(neighbours) if i != me and any(j == me and w > 0 for j, w in r)]
-        for tensor, tag in zip(tensors, tags):
-            nbytes = self.payload_bytes(tensor)
-            self.ledger.record(tag, nbytes * len(send_to))
-            for dst in send_to:
-                self.ledger.record_link(me, dst, nbytes)
+        self._record_mix(tensors, tags, neighbours)  # every link of the round, as the simulator
         flat = torch.cat([t.reshape(-1) for t in tensors])
         received = {j: torch.empty_like(flat) for j in recv_from}
         peer = (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
@@ -169,4 +166,3 @@ class TorchDistComm(Communicator):
             n = t.numel()
             t.copy_(mixed[offset : offset + n].view_as(t))
             offset += n
-        self.ledger.record_collective(1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from desloc.errors import ConfigError
+from desloc.errors import ConfigError, check_finite
 from desloc.optim.adopt import ADOPT
 from desloc.optim.mtdao import MTDAO
 from desloc.optim.mtdao import state_roles as mtdao_state_roles
@@ -54,8 +54,14 @@ class InnerConfig:
             raise ConfigError(
                 f"unknown inner optimizer {self.name!r}; choose one of {sorted(INNER_OPTIMIZERS)}"
             )
+        check_finite("inner lr", self.lr, "lr=3e-3")
+        for field in ("beta1", "beta2", "eps", "weight_decay", "momentum"):
+            if getattr(self, field) is not None:
+                check_finite(f"inner {field}", getattr(self, field))
         if not self.lr > 0:
             raise ConfigError(f"inner lr must be > 0, got {self.lr}")
+        if self.eps is not None and not self.eps > 0:
+            raise ConfigError(f"inner eps must be > 0, got {self.eps}; e.g. eps=1e-8 (adamw), 1e-6 (adopt)")
         for field, val in (("beta1", self.beta1), ("beta2", self.beta2), ("momentum", self.momentum)):
             if val is not None and not 0.0 <= val < 1.0:
                 raise ConfigError(f"inner {field} must be in [0, 1), got {val}")

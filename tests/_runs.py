@@ -1,0 +1,47 @@
+"""Helpers shared by the end-to-end tests: run the ``desloc`` CLI (optionally under torchrun) and
+compare the final per-worker state of two runs, whichever engine wrote them."""
+
+import subprocess
+import sys
+
+import torch
+
+from desloc.records import RunDir
+
+
+def desloc(args, env, torchrun=0, timeout=240):
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "desloc"] + args
+    else:
+        cmd = [sys.executable, "-m", "desloc"] + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def final_state(run, workers=2):
+    """Per-worker parameters and optimizer state of the last checkpoint, engine-independent."""
+    rd = RunDir(run)
+    first = rd.load_checkpoint(0)
+    if "stacked" in first["model"]:
+        params = [{k: v[m] for k, v in first["model"]["stacked"].items()} for m in range(workers)]
+        opt = first["optimizer"]["inner"]["state"]
+        states = [{i: {n: t[m] for n, t in s.items() if t.dim() > 0} for i, s in opt.items()} for m in range(workers)]
+    else:
+        ck = [rd.load_checkpoint(r) for r in range(workers)]
+        params = [c["model"]["module"] for c in ck]
+        states = [{i: {n: t for n, t in s.items() if t.dim() > 0} for i, s in c["optimizer"]["inner"]["state"].items()}
+                  for c in ck]
+    return params, states
+
+
+def assert_same(a, b):
+    (pa, sa), (pb, sb) = a, b
+    assert len(pa) == len(pb)
+    for m in range(len(pa)):
+        assert sorted(pa[m]) == sorted(pb[m])
+        for k in pa[m]:
+            assert torch.equal(pa[m][k], pb[m][k]), f"worker {m} param {k}"
+        assert sorted(sa[m]) == sorted(sb[m])
+        for i in sa[m]:
+            for n in sa[m][i]:
+                assert torch.equal(sa[m][i][n], sb[m][i][n]), f"worker {m} state {i}/{n}"
