@@ -398,10 +398,10 @@ def _train(cfg: TrainConfig, run: RunDir, backend: str, start_step: int | None, 
     comm = _init_process_comm(cfg, backend, timeout_s) if backend != "sim" else None
     corpus = _prepare_corpus(cfg, comm)
     torch.manual_seed(cfg.seed)
+    streams = WorkerStreams(corpus, cfg.data, cfg.workers, cfg.context, cfg.batch_size, cfg.seed)
+    val_batches = streams.val_batches(cfg.eval_batches)  # both check the text's size: before allocating
     model = GPT(cfg.model_config(corpus.vocab_size)).to(device)  # same seed -> same init everywhere
     workers = SimWorkers(model, cfg.workers) if comm is None else ProcessWorkers(model, comm)
-    streams = WorkerStreams(corpus, cfg.data, cfg.workers, cfg.context, cfg.batch_size, cfg.seed)
-    val_batches = streams.val_batches(cfg.eval_batches)
     inner = cfg.inner.build(workers.parameters())
     opt = build_method(cfg.method, inner, workers.comm, cfg.inner.state_roles())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
