@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from desloc import cli, data
+from desloc import cli
 from desloc.cli import main
+from desloc.data import corpus as data
 from desloc.errors import ConfigError, DeslocWarning
 
 TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import desloc.data as data
+import desloc.data.corpus as data
 from desloc.data import Corpus, DataConfig, WorkerStreams
 from desloc.errors import ConfigError
 

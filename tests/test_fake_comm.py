@@ -75,16 +75,6 @@ CASES = {
 }
 
 
-def due(method, periods, roles, t):
-    """{tag: reason} synced after step t (1-based) by papers.md section 1."""
-    kx = periods["period_x"]
-    k = {"local-adam": {"u": kx, "v": kx},
-         "desloc": {"u": periods.get("period_u"), "v": periods.get("period_v")}}.get(method, {})
-    tags = {"params"} if t % kx == 0 else set()
-    tags |= {name for name, role in roles.items() if k.get(role) and t % k[role] == 0}
-    return tags
-
-
 @pytest.mark.parametrize("inner", ["adamw", "sgdm", "adopt"])
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_local_methods_use_the_all_reduce_result(method, inner):
@@ -98,7 +88,7 @@ def test_local_methods_use_the_all_reduce_result(method, inner):
         n_calls = len(comm.calls)
         X.grad = g.clone()
         opt.step()
-        tags = due(method, periods, roles, t)
+        tags = set(opt.schedule.due(t))  # the one schedule (checked by hand in test_schedule.py)
         seen |= tags
         if not tags:
             assert len(comm.calls) == n_calls, f"step {t}: nothing is due, yet a collective ran"

@@ -6,7 +6,7 @@ Public API::
     from desloc.comm.torch_dist import TorchDistComm, init_from_env
 """
 
-from desloc.algorithms import DDP, METHODS, DesLoc, LocalOptimizer, MethodConfig, build_method
+from desloc.algorithms import DDP, METHODS, DesLoc, SyncedOptimizer, MethodConfig, build_method
 from desloc.comm import CommLedger, Communicator, SimulatedComm
 from desloc.errors import CheckpointMismatchError, ConfigError
 from desloc.optim import ADOPT, InnerConfig
@@ -14,6 +14,6 @@ from desloc.optim import ADOPT, InnerConfig
 __version__ = "0.1.0"
 __all__ = [
     "ADOPT", "CheckpointMismatchError", "CommLedger", "Communicator", "ConfigError", "DDP",
-    "DesLoc", "InnerConfig", "LocalOptimizer", "METHODS", "MethodConfig", "SimulatedComm",
+    "DesLoc", "InnerConfig", "SyncedOptimizer", "METHODS", "MethodConfig", "SimulatedComm",
     "build_method",
 ]

@@ -470,8 +470,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from desloc.algorithms import METHODS
 
-    for name, (_, summary) in METHODS.items():
-        print(f"{name:14s} {summary}")
+    for name, preset in METHODS.items():
+        print(f"{name:14s} {preset.summary}")
     return 0
 
 

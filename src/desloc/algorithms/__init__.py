@@ -1,22 +1,76 @@
 """The registry of methods. Names here are the CLI's ``--method`` values.
 
-``build_method(cfg, inner, comm)`` turns a validated :class:`MethodConfig` and an inner optimizer
-into the wrapping :class:`~desloc.algorithms.base.LocalOptimizer`.
+Every method is a row of data in :data:`METHODS` (a :class:`Preset`): which class runs it, how
+its state periods follow from K_x, whether it zeroes states or takes an outer step by default,
+and which inner optimizer it needs. :class:`MethodConfig` resolves a user's settings against
+that row, and ``build_method(cfg, inner, comm, roles)`` turns a validated config and an inner
+optimizer into the wrapping :class:`~desloc.algorithms.base.SyncedOptimizer`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from desloc.algorithms.base import LocalOptimizer
+from desloc.algorithms.base import SyncedOptimizer
 from desloc.algorithms.ddp import DDP
 from desloc.algorithms.desloc import DesLoc
+from desloc.algorithms.diloco import DiLoCo
 from desloc.algorithms.gasloc import GasLoc
+from desloc.algorithms.outer import OuterFactory, nesterov_sgd
 from desloc.comm.base import Communicator
 from desloc.errors import ConfigError, check_finite, check_period
+from desloc.optim.roles import StateRole
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One registered method, as data.
+
+    cls: the class that runs it.
+    summary: one line for ``desloc methods``.
+    state_periods: how K_u and K_v follow from K_x -- "tunable" (default ``u_times`` K_x and
+        ``v_times`` K_x, the user may set them), "tied" (always K_x), or "none" (never synced).
+    why_fixed: for "tied" / "none", what the method does with its states (for error messages).
+    reset_states: zero the states at every parameter sync (reset-states).
+    outer: the outer optimizer used unless the config names one (None = plain averaging).
+    inner: the inner optimizer family the method needs (MT-DAO), or None for any.
+    """
+
+    cls: type
+    summary: str
+    state_periods: str = "none"
+    u_times: int = 0
+    v_times: int = 0
+    why_fixed: str = ""
+    reset_states: bool = False
+    outer: str | None = None
+    inner: str | None = None
+
+    @property
+    def has_sync_period(self) -> bool:
+        return self.cls is not DDP
+
+
+METHODS: dict[str, Preset] = {
+    "ddp": Preset(DDP, "all-reduce the gradient every step", why_fixed="syncs every step"),
+    "local-adam": Preset(DesLoc, "parameters and all optimizer states every K steps", "tied",
+                         why_fixed="syncs every state with the parameters (every K_x)"),
+    "desloc": Preset(DesLoc, "parameters every K_x, first moment every K_u, second every K_v", "tunable", 3, 6),
+    "keep-states": Preset(DesLoc, "parameters every K_x, optimizer states never (FAVG+OPT)",
+                          why_fixed="never syncs optimizer states"),
+    "reset-states": Preset(DesLoc, "parameters every K_x, states zeroed at each parameter sync",
+                           why_fixed="zeroes optimizer states at each parameter sync", reset_states=True),
+    "mtdao": Preset(DesLoc, "MT-DAO: N first momenta, each synced every K_j; x every K_x, v every K_v",
+                    "tunable", 1, 1, inner="mtdao"),  # the paper's K = 32 example: every period K_x
+    "gasloc": Preset(GasLoc, "gossip with random peers every H steps after a local outer Nesterov step",
+                     why_fixed="never syncs optimizer states", outer="nesterov"),
+    "diloco": Preset(DiLoCo, "every H = K_x steps an outer Nesterov step on the averaged pseudo-gradient",
+                     why_fixed="never syncs optimizer states", outer="nesterov"),
+}
 
 
 AUTO = "auto"  # a period resolved from period_x by the method
@@ -71,11 +125,12 @@ class MethodConfig:
         check_finite("outer_momentum", self.outer_momentum, "outer_momentum=0.9 (DiLoCo)")
         if self.clip_rho is not None and not self.clip_rho > 0:
             raise ConfigError(f"clip_rho must be > 0 or None (off), got {self.clip_rho}")
-        if self.name in ("diloco", "gasloc") and self.outer is None:
-            self.outer = "nesterov"
+        preset = METHODS[self.name]
+        if self.outer is None:
+            self.outer = preset.outer
         if self.outer not in (None, "nesterov", "sgd"):
             raise ConfigError(f"outer must be 'nesterov', 'sgd' or None, got {self.outer!r}")
-        if self.outer is not None and self.name == "ddp":
+        if self.outer is not None and not preset.has_sync_period:
             raise ConfigError("ddp has no parameter sync to put an outer optimizer on; drop --outer")
         if not self.outer_lr > 0:
             raise ConfigError(f"outer_lr must be > 0, got {self.outer_lr}; DiLoCo uses 0.7")
@@ -95,124 +150,59 @@ class MethodConfig:
             self.momentum_periods = list(self.momentum_periods)
             for j, k in enumerate(self.momentum_periods):
                 check_period(f"momentum_periods[{j}] (K_{j})", k, allow_none=True)
-            if self.name not in ("desloc", "mtdao"):
-                raise ConfigError(f"momentum_periods apply to desloc and mtdao, not {self.name}")
-        if self.name == "mtdao":  # MT-DAO: all periods default to K_x (the paper's K = 32 example)
+            if preset.state_periods != "tunable":
+                raise ConfigError(f"momentum_periods apply to {tunable_methods()}, not {self.name}")
+        if preset.state_periods == "tunable":
             if self.period_u == AUTO:
-                self.period_u = self.period_x
+                self.period_u = preset.u_times * self.period_x
             if self.period_v == AUTO:
-                self.period_v = self.period_x
-        if self.name == "desloc":
-            if self.period_u == AUTO:
-                self.period_u = 3 * self.period_x
-            if self.period_v == AUTO:
-                self.period_v = 6 * self.period_x
-        elif self.name == "local-adam":
+                self.period_v = preset.v_times * self.period_x
+        elif preset.state_periods == "tied":
             for field in ("period_u", "period_v"):
                 val = getattr(self, field)
                 if val != AUTO and val != self.period_x:
                     raise ConfigError(
-                        f"local-adam syncs every state with the parameters, so {field} must equal "
-                        f"period_x={self.period_x} (got {val}); use --method desloc for different periods"
+                        f"{self.name} {preset.why_fixed}, so {field} must equal period_x={self.period_x} "
+                        f"(got {val}); use --method desloc for different periods"
                     )
             self.period_u = self.period_v = self.period_x
-        elif self.name != "mtdao":  # the other methods do not use state periods
+        else:  # the method never syncs states
             self.period_u = self.period_v = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def outer_factory(cfg: MethodConfig) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None:
+def tunable_methods() -> str:
+    return " and ".join(n for n, p in METHODS.items() if p.state_periods == "tunable")
+
+
+def outer_factory(cfg: MethodConfig) -> OuterFactory | None:
     """The outer optimizer named by ``cfg.outer`` (SGD on the pseudo-gradient), or None."""
     if cfg.outer is None:
         return None
-    nesterov = cfg.outer == "nesterov" and cfg.outer_momentum > 0
-    return lambda params: torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=nesterov)
+    return nesterov_sgd(cfg.outer_lr, cfg.outer_momentum, nesterov=cfg.outer == "nesterov")
 
 
-def _periods(cfg: MethodConfig, roles: dict[str, str], u: int | None, v: int | None) -> dict[str, int | None]:
-    """State name -> period from its role: u (or u<j>, MT-DAO's j-th momentum) or v."""
-    out: dict[str, int | None] = {}
-    for name, role in roles.items():
-        if role == "v":
-            out[name] = v
-        elif role.startswith("u") and role[1:].isdigit() and cfg.momentum_periods is not None and u is not None:
-            j = int(role[1:])
-            if j >= len(cfg.momentum_periods):
-                raise ConfigError(f"momentum_periods has {len(cfg.momentum_periods)} entries but the inner "
-                                  f"optimizer has momentum u{j}; give one period per momentum")
-            out[name] = cfg.momentum_periods[j]
-        else:
-            out[name] = u
-    if cfg.momentum_periods is not None and u is not None:
-        n_momenta = sum(1 for r in roles.values() if r.startswith("u") and r[1:].isdigit())
-        if len(cfg.momentum_periods) != n_momenta:
-            raise ConfigError(f"momentum_periods has {len(cfg.momentum_periods)} entries but the inner "
+def state_periods(cfg: MethodConfig, roles: dict[str, StateRole]) -> dict[str, int | None]:
+    """State name -> period from its role: v -> K_v; u -> K_u, MT-DAO's u^j -> momentum_periods[j]."""
+    u, v = cfg.period_u, cfg.period_v
+    per_momentum = cfg.momentum_periods if u is not None else None  # states that never sync ignore them
+    if per_momentum is not None:
+        n_momenta = sum(1 for r in roles.values() if r.index is not None)
+        if len(per_momentum) != n_momenta:
+            raise ConfigError(f"momentum_periods has {len(per_momentum)} entries but the inner "
                               f"optimizer has {n_momenta} MT-DAO momenta (u0, u1, ...); give one period "
                               "per momentum" + ("" if n_momenta else ", or drop momentum_periods"))
+    out: dict[str, int | None] = {}
+    for name, role in roles.items():
+        if role.moment == 2:
+            out[name] = v  # type: ignore[assignment]
+        elif role.index is not None and per_momentum is not None:
+            out[name] = per_momentum[role.index]
+        else:
+            out[name] = u  # type: ignore[assignment]
     return out
-
-
-def _build_mtdao(cfg, inner, comm, roles, **kw):
-    from desloc.optim import MTDAO
-
-    if not isinstance(inner, MTDAO):
-        raise ConfigError(f"method mtdao needs the MT-DAO inner optimizer (--inner mtdao or mtdao-adam), "
-                          f"got {type(inner).__name__}")
-    return _build_desloc(cfg, inner, comm, roles, **kw)
-
-
-def _build_desloc(cfg, inner, comm, roles, **kw):
-    kw.setdefault("outer", outer_factory(cfg))
-    return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, cfg.period_u, cfg.period_v),
-                  clip_rho=cfg.clip_rho, **kw)
-
-
-def _build_local_adam(cfg, inner, comm, roles, **kw):
-    kw.setdefault("outer", outer_factory(cfg))
-    k = cfg.period_x
-    return DesLoc(inner, comm, k, _periods(cfg, roles, k, k), clip_rho=cfg.clip_rho, **kw)
-
-
-def _build_keep(cfg, inner, comm, roles, **kw):
-    kw.setdefault("outer", outer_factory(cfg))
-    return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, None, None), clip_rho=cfg.clip_rho, **kw)
-
-
-def _build_reset(cfg, inner, comm, roles, **kw):
-    kw.setdefault("outer", outer_factory(cfg))
-    return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, None, None),
-                  reset_states_on_param_sync=True, clip_rho=cfg.clip_rho, **kw)
-
-
-def _build_diloco(cfg, inner, comm, roles, **kw):
-    kw.setdefault("outer", outer_factory(cfg))
-    return DesLoc(inner, comm, cfg.period_x, _periods(cfg, roles, None, None), clip_rho=cfg.clip_rho, **kw)
-
-
-def _build_gasloc(cfg, inner, comm, roles, **kw):
-    kw.setdefault("state_names", list(roles))
-    return GasLoc(inner, comm, cfg.period_x, topology=cfg.topology, outer_lr=cfg.outer_lr,
-                  outer_momentum=cfg.outer_momentum, nesterov=cfg.outer == "nesterov",
-                  local_steps=cfg.local_steps, seed=cfg.gossip_seed, clip_rho=cfg.clip_rho, **kw)
-
-
-def _build_ddp(cfg, inner, comm, roles, **kw):
-    return DDP(inner, comm, clip_rho=cfg.clip_rho, **kw)
-
-
-Builder = Callable[..., LocalOptimizer]
-METHODS: dict[str, tuple[Builder, str]] = {
-    "ddp": (_build_ddp, "all-reduce the gradient every step"),
-    "local-adam": (_build_local_adam, "parameters and all optimizer states every K steps"),
-    "desloc": (_build_desloc, "parameters every K_x, first moment every K_u, second every K_v"),
-    "keep-states": (_build_keep, "parameters every K_x, optimizer states never (FAVG+OPT)"),
-    "reset-states": (_build_reset, "parameters every K_x, states zeroed at each parameter sync"),
-    "mtdao": (_build_mtdao, "MT-DAO: N first momenta, each synced every K_j; x every K_x, v every K_v"),
-    "gasloc": (_build_gasloc, "gossip with random peers every H steps after a local outer Nesterov step"),
-    "diloco": (_build_diloco, "every H = K_x steps an outer Nesterov step on the averaged pseudo-gradient"),
-}
 
 
 def parse_method_spec(spec: str) -> dict[str, Any]:
@@ -234,14 +224,36 @@ def build_method(
     cfg: MethodConfig,
     inner: torch.optim.Optimizer,
     comm: Communicator,
-    state_roles: dict[str, str],
+    state_roles: Mapping[str, StateRole | str],
     **kwargs: Any,
-) -> LocalOptimizer:
-    """Wrap ``inner`` in the method ``cfg.name``. ``state_roles`` maps state names to u / v."""
-    builder, _ = METHODS[cfg.name]
-    opt = builder(cfg, inner, comm, state_roles, **kwargs)
+) -> SyncedOptimizer:
+    """Wrap ``inner`` in the method ``cfg.name``. ``state_roles`` maps state names to their role
+    (:class:`~desloc.optim.roles.StateRole`, or its text "u", "u<j>", "v")."""
+    preset = METHODS[cfg.name]
+    roles = {name: StateRole.parse(role) for name, role in state_roles.items()}
+    if preset.inner == "mtdao":
+        from desloc.optim import MTDAO
+
+        if not isinstance(inner, MTDAO):
+            raise ConfigError(f"method {cfg.name} needs the MT-DAO inner optimizer (--inner mtdao or "
+                              f"mtdao-adam), got {type(inner).__name__}")
+    kwargs.setdefault("clip_rho", cfg.clip_rho)
+    if preset.cls is DDP:
+        opt: SyncedOptimizer = DDP(inner, comm, **kwargs)
+    elif preset.cls is DiLoCo:
+        opt = DiLoCo(inner, comm, cfg.period_x, list(roles), outer=kwargs.pop("outer", outer_factory(cfg)), **kwargs)
+    elif preset.cls is GasLoc:
+        kwargs.setdefault("state_names", list(roles))
+        opt = GasLoc(inner, comm, cfg.period_x, topology=cfg.topology, outer_lr=cfg.outer_lr,
+                     outer_momentum=cfg.outer_momentum, nesterov=cfg.outer == "nesterov",
+                     local_steps=cfg.local_steps, seed=cfg.gossip_seed, **kwargs)
+    else:
+        kwargs.setdefault("outer", outer_factory(cfg))
+        opt = DesLoc(inner, comm, cfg.period_x, state_periods(cfg, roles),
+                     reset_states_on_param_sync=preset.reset_states, **kwargs)
     opt.algorithm = cfg.name
     return opt
 
 
-__all__ = ["parse_method_spec", "DDP", "DesLoc", "GasLoc", "LocalOptimizer", "METHODS", "MethodConfig", "build_method"]
+__all__ = ["parse_method_spec", "DDP", "DesLoc", "DiLoCo", "GasLoc", "METHODS", "MethodConfig", "Preset",
+           "SyncedOptimizer", "build_method"]

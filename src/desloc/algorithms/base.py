@@ -21,13 +21,18 @@ from typing import Any, Callable
 
 import torch
 
+from desloc.algorithms.schedule import SyncSchedule
 from desloc.comm.base import Communicator
 from desloc.errors import CheckpointMismatchError, ConfigError
 from desloc.optim import is_elementwise
 
 
-class LocalOptimizer(torch.optim.Optimizer):
-    """Base wrapper. ``algorithm`` names the method in checkpoints and errors."""
+class SyncedOptimizer(torch.optim.Optimizer):
+    """An inner optimizer plus a method's syncs (the base of DDP, DES-LOC and GASLoC alike).
+
+    ``algorithm`` names the method in checkpoints and errors; ``schedule`` says what is sent
+    when (:mod:`desloc.algorithms.schedule`).
+    """
 
     algorithm = "base"
 
@@ -57,6 +62,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         self.comm = comm
         self.clip_rho = None if clip_rho is None else float(clip_rho)
         self.global_step = 0
+        self.schedule = SyncSchedule()
         # Optimizer.__init__ sets up the hook machinery; it also assigns ``state`` and
         # ``param_groups`` and adds the groups, which must not touch the inner optimizer: while
         # constructing, the setters and add_param_group below ignore it.
@@ -234,6 +240,18 @@ class LocalOptimizer(torch.optim.Optimizer):
         for p in self.params:
             if p.grad is not None:
                 p.grad.clamp_(-self.clip_rho, self.clip_rho)
+
+    def idle_workers(self) -> list[int]:
+        """This process's workers that sit out the coming step (GASLoC's H_i < H); none by default."""
+        return []
+
+    def expected_bytes(self, steps: int) -> int:
+        """Bytes one worker sends in ``steps`` steps of all-reduces, from ``schedule`` alone."""
+        def payload(tag: str) -> int:
+            tensors = self.params if tag in ("params", "grads") else self.state_tensors(tag)
+            return sum(self.comm.payload_bytes(t) for t in tensors)
+
+        return sum(self.schedule.count(tag, steps) * payload(tag) for tag in self.schedule.tags)
 
     def ddp_equivalent_bytes(self, steps: int | None = None) -> int:
         """Bytes one worker would have sent had DDP all-reduced every gradient for ``steps``."""

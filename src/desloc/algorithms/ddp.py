@@ -5,7 +5,7 @@
     g   = clip(g, rho)                     (optional)
     x   = OPT.step(x, g)                   (identical on every worker)
 
-Communication: one model-sized tensor (the gradient) per step -- the reference that every
+Communication: one model-sized tensor (the gradient) per step (schedule ``{"grads": 1}``) -- the reference that every
 ``ratio_vs_ddp`` divides. Parameters stay identical on all workers if they start identical.
 This is the quality upper bound of the DES-LOC paper. Reduces to: single-worker OPT at M = 1.
 """
@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from desloc.algorithms.base import LocalOptimizer
+from desloc.algorithms.base import SyncedOptimizer
+from desloc.algorithms.schedule import SyncSchedule
 
 
-class DDP(LocalOptimizer):
+class DDP(SyncedOptimizer):
     algorithm = "ddp"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule = SyncSchedule({"grads": 1})
 
     def _before_local_step(self) -> None:
         grads = []

@@ -30,24 +30,16 @@ Settings of the same class (the registry's names):
     reset-states  K_u = K_v = None, ``reset_states_on_param_sync``: at every parameter sync
                   the state tensors are zeroed (scalar counters such as Adam's ``step`` are
                   kept, so bias correction does not restart -- our reading of "reset to zero").
-    diloco        K_u = K_v = None and an outer optimizer (below), K_x = H.
+    diloco        K_u = K_v = None and an outer optimizer, K_x = H (diloco.py).
 Reductions (tests/test_reductions.py): M = 1 or identical data -> plain OPT; sgdm with
 K_x = K_u = 1 -> DDP-SGDM exactly; Adam with all K = 1 is *not* DDP-Adam (E[g^2] != E[g]^2).
 
-Outer optimizer (DiLoCo, Douillard et al. 2023; "DES-LOC + Nesterov"): with ``outer`` given,
-the parameter sync does not overwrite x with the average but feeds the pseudo-gradient to an
-outer optimizer over an anchor copy xbar (the parameters at the start of the round)::
+Outer optimizer ("DES-LOC + Nesterov"): with ``outer`` given, a parameter sync does not
+overwrite x with E_m[x^m] but takes DiLoCo's outer step on the pseudo-gradient
+xbar - E_m[x^m] (:mod:`desloc.algorithms.outer`; DiLoCo itself is :mod:`desloc.algorithms.diloco`).
+Communication is unchanged: one model-sized all-reduce per parameter sync.
 
-    xbar_0 = x_0
-    at every parameter sync:   Delta = xbar - E_m[x^m]            (the all-reduce, tag "params")
-                               xbar  = OUTER.step(xbar, Delta)     (default SGD lr 0.7, momentum
-                                                                    0.9, Nesterov)
-                               x^m   = xbar                        for all m
-
-Communication is unchanged (one model-sized all-reduce per parameter sync). The anchor and the
-outer optimizer's state are part of ``state_dict``. Outer SGD with lr 1 and no momentum gives
-xbar - (xbar - E[x]) = E[x]: plain averaging (tests/test_outer.py).
-
+The schedule is :class:`~desloc.algorithms.schedule.SyncSchedule` ``{"params": K_x, <state>: K_j}``.
 ``add_param_group`` (on every worker alike): the inner optimizer steps the new parameters and
 they are averaged with the others; with an outer optimizer their anchor starts at their current
 value (xbar_0 = x_0) and joins the outer optimizer as a new group of its own.
@@ -55,17 +47,19 @@ value (xbar_0 = x_0) and joins the outer optimizer as a new group of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from desloc.algorithms.base import LocalOptimizer
+from desloc.algorithms.base import SyncedOptimizer
+from desloc.algorithms.outer import OuterFactory, OuterStep
+from desloc.algorithms.schedule import SyncSchedule
 from desloc.comm.base import Communicator
-from desloc.errors import CheckpointMismatchError, ConfigError, check_period
+from desloc.errors import ConfigError, check_period
 
 
-class DesLoc(LocalOptimizer):
+class DesLoc(SyncedOptimizer):
     algorithm = "desloc"
 
     def __init__(
@@ -77,7 +71,7 @@ class DesLoc(LocalOptimizer):
         reset_states_on_param_sync: bool = False,
         clip_rho: float | None = None,
         assume_elementwise: bool = False,
-        outer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+        outer: OuterFactory | None = None,
     ):
         check_period("period_x", period_x)
         for name, period in state_periods.items():
@@ -85,88 +79,55 @@ class DesLoc(LocalOptimizer):
         super().__init__(inner, comm, clip_rho=clip_rho, assume_elementwise=assume_elementwise)
         self.period_x = period_x
         self.state_periods = dict(state_periods)
+        self.schedule = SyncSchedule({"params": period_x, **self.state_periods})
         self.reset_states_on_param_sync = bool(reset_states_on_param_sync)
-        self._state_names: list[str] | None = None  # checked after the first local step
-        self.anchor: list[torch.Tensor] | None = None
-        self.outer: torch.optim.Optimizer | None = None
-        if outer is not None:
-            self.anchor = [p.detach().clone() for p in self.params]
-            self.outer = outer(self.anchor)
-            if not isinstance(self.outer, torch.optim.Optimizer):
-                raise TypeError(f"outer must build a torch.optim.Optimizer, got {type(self.outer).__name__}")
-
-    # ----------------------------------------------------------------- states
-    def _validate_states(self) -> None:
-        names = list(self.state_periods)
-        self._check_declared_states(names, "state_periods")
-        self._state_names = names
+        self._states_checked = False
+        self.outer = None if outer is None else OuterStep(self.params, outer)
 
     def _on_param_group_added(self, params: list[torch.Tensor]) -> None:
-        if self.outer is None or self.anchor is None:
-            return
-        new = [p.detach().clone() for p in params]
-        self.anchor += new
-        self.outer.add_param_group({"params": new})
+        if self.outer is not None:
+            self.outer.add(params)
 
     # -------------------------------------------------------------------- sync
     def _after_local_step(self) -> None:
-        if self._state_names is None:
-            self._validate_states()
-        t = self.global_step
-        params_due = t % self.period_x == 0
+        if not self._states_checked:
+            self._check_declared_states(list(self.state_periods), "state_periods")
+            self._states_checked = True
+        due = self.schedule.due(self.global_step)
         tensors: list[torch.Tensor] = []
         tags: list[str] = []
-        if params_due:
-            tensors += self._param_sync_tensors()
-            tags += ["params"] * (len(tensors) - len(tags))
-        for name in self._state_names or []:
-            period = self.state_periods[name]
-            if period is not None and t % period == 0:
-                states = self.state_tensors(name)
-                tensors += states
-                tags += [name] * len(states)
+        for tag in due:
+            group = self.params if tag == "params" else self.state_tensors(tag)
+            tensors += group
+            tags += [tag] * len(group)
         if tensors:
             self.comm.all_reduce_mean(tensors, tags)
-        if params_due:
+        if "params" in due:
             self._finish_param_sync()
             if self.reset_states_on_param_sync:
-                for name in self._state_names or []:
+                for name in self.state_periods:
                     for s in self.state_tensors(name):
                         s.zero_()
 
-    def _param_sync_tensors(self) -> list[torch.Tensor]:
-        """What to average at a parameter sync (overridden by outer-optimizer variants)."""
-        return self.params
-
     def _finish_param_sync(self) -> None:
         """After the parameter all-reduce: the outer step on Delta = xbar - E[x], if any."""
-        if self.outer is None or self.anchor is None:
+        if self.outer is None:
             return
         # xbar_0 = x_0 needs every worker to start from the same parameters (as DDP does).
-        if self.comm.stacked and not all(torch.equal(a[0].expand_as(a), a) for a in self.anchor):
+        first, *others = self.comm.local_workers
+        if others and not all(torch.equal(self.comm.worker_view(a, w), self.comm.worker_view(a, first))
+                              for a in self.outer.anchor for w in others):
             raise ConfigError("an outer optimizer needs every worker to start from the same "
                               "parameters; initialise the replicas identically (StackedReplicas does)")
-        for xbar, x in zip(self.anchor, self.params):
-            xbar.grad = xbar - x  # x holds E_m[x^m] now
-        self.outer.step()
-        for xbar, x in zip(self.anchor, self.params):
-            x.copy_(xbar)
-            xbar.grad = None
+        self.outer.step(self.params)  # self.params hold E_m[x^m] now
+        self.outer.copy_to(self.params)
 
     def _extra_state(self) -> dict[str, Any]:
-        if self.outer is None or self.anchor is None:
-            return {}
-        return {"anchor": [a.detach().clone() for a in self.anchor], "outer": self.outer.state_dict()}
+        return {} if self.outer is None else self.outer.state_dict()
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.outer is None or self.anchor is None:
-            return
-        if len(state["anchor"]) != len(self.anchor):
-            raise CheckpointMismatchError(f"checkpoint has {len(state['anchor'])} outer anchors but this "
-                                          f"optimizer has {len(self.anchor)} parameters")
-        for a, saved in zip(self.anchor, state["anchor"]):
-            a.copy_(saved)
-        self.outer.load_state_dict(state["outer"])
+        if self.outer is not None:
+            self.outer.load_state_dict(state)
 
     # ------------------------------------------------------------------ record
     def config_dict(self) -> dict[str, Any]:
@@ -176,16 +137,11 @@ class DesLoc(LocalOptimizer):
             "state_periods": dict(self.state_periods),
             "reset_states_on_param_sync": self.reset_states_on_param_sync,
             "outer": None if self.outer is None else {
-                "optimizer": type(self.outer).__name__,
-                **{k: v for k, v in self.outer.defaults.items() if k in ("lr", "momentum", "nesterov", "dampening")},
+                "optimizer": type(self.outer.optimizer).__name__, **self.outer.hyperparameters(),
             },
         }
 
-    def expected_bytes(self, steps: int) -> int:
-        """Bytes one worker sends over ``steps`` steps by the docstring's formula."""
-        p_bytes = sum(self.comm.payload_bytes(p) for p in self.params)
-        total = (steps // self.period_x) * p_bytes
-        for name, period in self.state_periods.items():
-            if period is not None:
-                total += (steps // period) * sum(self.comm.payload_bytes(s) for s in self.state_tensors(name))
-        return total
+    @property
+    def anchor(self) -> list[torch.Tensor] | None:
+        """The outer optimizer's anchor xbar (None without an outer optimizer)."""
+        return None if self.outer is None else self.outer.anchor

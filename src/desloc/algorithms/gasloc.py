@@ -46,13 +46,15 @@ from typing import Any
 
 import torch
 
-from desloc.algorithms.base import LocalOptimizer
+from desloc.algorithms.base import SyncedOptimizer
+from desloc.algorithms.outer import OuterStep, nesterov_sgd
+from desloc.algorithms.schedule import SyncSchedule
 from desloc.comm.base import Communicator
-from desloc.errors import CheckpointMismatchError, ConfigError, check_period
+from desloc.errors import ConfigError, check_period
 from desloc.topology import TOPOLOGIES, mixing
 
 
-class GasLoc(LocalOptimizer):
+class GasLoc(SyncedOptimizer):
     algorithm = "gasloc"
 
     def __init__(
@@ -84,28 +86,26 @@ class GasLoc(LocalOptimizer):
                               f"e.g. {[period] * (m - 1) + [max(1, period // 4)]}")
         super().__init__(inner, comm, clip_rho=clip_rho, assume_elementwise=assume_elementwise)
         self.period, self.topology, self.seed = period, topology, seed
+        self.schedule = SyncSchedule({"params": period})
         self.local_steps = local_steps
-        self.anchor = [p.detach().clone() for p in self.params]
-        self.outer = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum,
-                                     nesterov=nesterov and outer_momentum > 0)
+        self.outer = OuterStep(self.params, nesterov_sgd(outer_lr, outer_momentum, nesterov))
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.state_names = list(state_names)
         self._states_checked = False
 
+    @property
+    def anchor(self) -> list[torch.Tensor]:
+        """Each worker's outer copy xbar_i (what is gossiped)."""
+        return self.outer.anchor
+
     def _on_param_group_added(self, params: list[torch.Tensor]) -> None:
-        new = [p.detach().clone() for p in params]
-        self.anchor += new
-        self.outer.add_param_group({"params": new})
+        self.outer.add(params)
 
     # ----------------------------------------------------------- idle workers
-    def _idle_workers(self) -> list[int]:
-        """Workers (local indices) that sit out the coming step of the round."""
+    def idle_workers(self) -> list[int]:
+        """This process's workers that sit out the coming step of the round (position >= H_i)."""
         pos = self.global_step % self.period  # 0-based position of the coming step
-        idle = [i for i, h in enumerate(self.local_steps) if pos >= h]
-        if self.comm.stacked:
-            return idle
-        rank = self.comm.rank  # type: ignore[attr-defined]
-        return [0] if rank in idle else []
+        return [w for w in self.comm.local_workers if pos >= self.local_steps[w]]
 
     def _tensors(self) -> list[torch.Tensor]:
         """Parameters and their declared per-coordinate states (what an idle worker keeps)."""
@@ -117,53 +117,37 @@ class GasLoc(LocalOptimizer):
 
     def _before_local_step(self) -> None:
         self._clip()
-        idle = self._idle_workers()
-        if idle:
-            rows = idle if self.comm.stacked else None
-            self._saved = [(t, (t[rows] if rows else t).clone()) for t in self._tensors()]
-            self._idle_rows = rows
+        views = [self.comm.worker_view(t, w) for w in self.idle_workers() for t in self._tensors()]
+        self._saved = [(v, v.clone()) for v in views]
 
     def _after_local_step(self) -> None:
         if not self._states_checked:
             self._check_declared_states(self.state_names, "state_names")
             self._states_checked = True
-        if self._saved:
-            for t, saved in self._saved:
-                if self._idle_rows:
-                    t[self._idle_rows] = saved
-                else:
-                    t.copy_(saved)
-            self._saved = []
-        if self.global_step % self.period == 0:
+        for view, saved in self._saved:  # idle workers' parameters and states stay untouched
+            view.copy_(saved)
+        self._saved = []
+        if "params" in self.schedule.due(self.global_step):
             self._round_end(self.global_step // self.period - 1)
 
     # ------------------------------------------------------------------ round
     def _round_end(self, round_index: int) -> None:
-        for xbar, x in zip(self.anchor, self.params):
-            xbar.grad = xbar - x
-        self.outer.step()
+        self.outer.step(self.params)  # local outer step on Delta_i = xbar_i - x_i
         tags = ["params"] * len(self.anchor)
         if self.topology == "complete":
             self.comm.all_reduce_mean(self.anchor, tags)
         elif self.topology != "none":
             self.comm.mix(self.anchor, tags, mixing(self.topology, self.comm.world_size, round_index, self.seed))
-        for xbar, x in zip(self.anchor, self.params):
-            x.copy_(xbar)
-            xbar.grad = None
+        self.outer.copy_to(self.params)
 
     # ----------------------------------------------------------------- record
     def config_dict(self) -> dict[str, Any]:
         return {**super().config_dict(), "period": self.period, "topology": self.topology, "seed": self.seed,
                 "local_steps": list(self.local_steps),
-                "outer": {k: self.outer.defaults[k] for k in ("lr", "momentum", "nesterov")}}
+                "outer": self.outer.hyperparameters(("lr", "momentum", "nesterov"))}
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"anchor": [a.detach().clone() for a in self.anchor], "outer": self.outer.state_dict()}
+        return self.outer.state_dict()
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        if len(state["anchor"]) != len(self.anchor):
-            raise CheckpointMismatchError(f"checkpoint has {len(state['anchor'])} outer anchors but this "
-                                          f"optimizer has {len(self.anchor)} parameters")
-        for a, saved in zip(self.anchor, state["anchor"]):
-            a.copy_(saved)
-        self.outer.load_state_dict(state["outer"])
+        self.outer.load_state_dict(state)

@@ -25,6 +25,18 @@ import torch
 from desloc.comm.ledger import CommLedger
 
 
+def mix_rows(stacked_or_list, row: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """sum_j w_j x_j over ``row`` in ascending j: the one gossip sum both engines compute.
+
+    ``stacked_or_list[j]`` is worker j's tensor (a row of a stacked tensor, or a received buffer).
+    """
+    (j0, w0), *rest = sorted(row)
+    acc = stacked_or_list[j0] * w0
+    for j, w in rest:
+        acc = acc + stacked_or_list[j] * w
+    return acc
+
+
 class Communicator(ABC):
     """Average tensors over workers, counting every byte.
 
@@ -40,6 +52,21 @@ class Communicator(ABC):
     @abstractmethod
     def stacked(self) -> bool:
         """True when tensors carry all workers on dim 0 (the simulator)."""
+
+    rank: int = 0  # this process's worker in a one-worker-per-process engine
+
+    @property
+    def local_workers(self) -> list[int]:
+        """The workers whose tensors live in this process: this rank's one by default (one worker
+        per process); the simulator holds all M. Algorithms address workers through this and
+        :meth:`worker_view`, never through a rank or the engine's tensor layout."""
+        return [self.rank]
+
+    def worker_view(self, tensor: torch.Tensor, worker: int) -> torch.Tensor:
+        """The part of ``tensor`` that belongs to local ``worker`` (a view: writes show through)."""
+        if worker not in self.local_workers:
+            raise ValueError(f"worker {worker} does not live in this process (it holds {self.local_workers})")
+        return tensor
 
     @abstractmethod
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:

@@ -11,17 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from desloc.comm.base import Communicator
+from desloc.comm.base import Communicator, mix_rows
 from desloc.comm.ledger import CommLedger
-
-
-def mix_rows(stacked_or_list, row: Sequence[tuple[int, float]]) -> torch.Tensor:
-    """sum_j w_j x_j over ``row`` in ascending j (shared by both communicators)."""
-    (j0, w0), *rest = sorted(row)
-    acc = stacked_or_list[j0] * w0
-    for j, w in rest:
-        acc = acc + stacked_or_list[j] * w
-    return acc
 
 
 class SimulatedComm(Communicator):
@@ -39,6 +30,14 @@ class SimulatedComm(Communicator):
     @property
     def stacked(self) -> bool:
         return True
+
+    @property
+    def local_workers(self) -> list[int]:
+        return list(range(self.world_size))
+
+    def worker_view(self, tensor: torch.Tensor, worker: int) -> torch.Tensor:
+        self._check_stacked(tensor)
+        return tensor[worker]
 
     def worker_numel(self, tensor: torch.Tensor) -> int:
         self._check_stacked(tensor)

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from desloc.comm.base import Communicator
+from desloc.comm.base import Communicator, mix_rows
 from desloc.comm.ledger import CommLedger
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -137,11 +137,9 @@ class TorchDistComm(Communicator):
         """Gossip point to point: send to every worker that mixes us in, receive from ours.
 
         One flat buffer per call; ``batch_isend_irecv`` with each peer (never a global
-        collective). The weighted sum uses :func:`desloc.comm.simulated.mix_rows`, the same
+        collective). The weighted sum uses :func:`desloc.comm.base.mix_rows`, the same
         arithmetic as the simulator, so the results agree bit for bit.
         """
-        from desloc.comm.simulated import mix_rows
-
         self._check_args(tensors, tags)
         if len(neighbours) != self.world_size:
             raise ValueError(f"mix needs one neighbour list per worker ({self.world_size}), got {len(neighbours)}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from desloc.errors import ConfigError, check_finite
+from desloc.optim.roles import U, V, StateRole
 from desloc.optim.adopt import ADOPT
 from desloc.optim.mtdao import MTDAO
 from desloc.optim.mtdao import state_roles as mtdao_state_roles
@@ -89,21 +90,21 @@ class InnerConfig:
                          flavour="adam" if self.name == "mtdao-adam" else "adopt")
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
-    def state_roles(self) -> dict[str, str]:
-        """Which states are first moments (``u``) and second moments (``v``)."""
+    def state_roles(self) -> dict[str, StateRole]:
+        """State name -> role: first moments (u, MT-DAO's u^j) and the second moment (v)."""
         if self.name == "sgdm" and self.momentum == 0:
             return {}  # plain SGD keeps no momentum buffer
         if self.name.startswith("mtdao"):
-            return mtdao_state_roles(len(self.mt_betas))
-        return INNER_OPTIMIZERS[self.name]
+            return {name: StateRole.parse(role) for name, role in mtdao_state_roles(len(self.mt_betas)).items()}
+        return dict(INNER_OPTIMIZERS[self.name])
 
 
-INNER_OPTIMIZERS: dict[str, dict[str, str]] = {
-    "adamw": {"exp_avg": "u", "exp_avg_sq": "v"},
-    "adopt": {"exp_avg": "u", "exp_avg_sq": "v"},
-    "sgdm": {"momentum_buffer": "u"},
+INNER_OPTIMIZERS: dict[str, dict[str, StateRole]] = {
+    "adamw": {"exp_avg": U, "exp_avg_sq": V},
+    "adopt": {"exp_avg": U, "exp_avg_sq": V},
+    "sgdm": {"momentum_buffer": U},
     "mtdao": {},  # roles depend on N: see InnerConfig.state_roles
     "mtdao-adam": {},
 }
 
-__all__ = ["ADOPT", "MTDAO", "InnerConfig", "INNER_OPTIMIZERS", "is_elementwise", "register_elementwise"]
+__all__ = ["ADOPT", "MTDAO", "InnerConfig", "INNER_OPTIMIZERS", "StateRole", "is_elementwise", "register_elementwise"]

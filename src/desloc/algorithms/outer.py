@@ -1,0 +1,77 @@
+r"""The outer step on the pseudo-gradient, shared by DiLoCo, DES-LOC + Nesterov and GASLoC.
+
+Each worker keeps an anchor xbar (the parameters at the start of the round; xbar_0 = x_0) and an
+outer optimizer over it (``torch.optim.SGD``, by default lr 0.7, momentum 0.9, Nesterov: DiLoCo's
+setting). At the end of a round, given the parameters x the round produced::
+
+    Delta = xbar - x                 (the pseudo-gradient; DiLoCo and DES-LOC pass x = E_m[x^m],
+                                      GASLoC each worker's own x_i)
+    xbar  = OUTER.step(xbar, Delta)  (SGD: m <- mu m + Delta; xbar <- xbar - eta (Delta + mu m))
+    x     = xbar                     (copy back)
+
+The math is torch's SGD on ``xbar.grad = Delta``; this class holds the anchor and the outer
+optimizer, adds parameters (``add_param_group``) and saves / restores both in ``state_dict``.
+Outer SGD with lr 1 and no momentum gives xbar - (xbar - x) = x: plain averaging
+(``tests/test_outer.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from desloc.errors import CheckpointMismatchError
+
+OuterFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def nesterov_sgd(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> OuterFactory:
+    """The outer optimizer the papers use: SGD with (Nesterov) momentum on the pseudo-gradient."""
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+
+class OuterStep:
+    """Anchor copies of ``params`` and the outer optimizer ``factory(anchor)`` over them."""
+
+    def __init__(self, params: list[torch.Tensor], factory: OuterFactory):
+        self.anchor = [p.detach().clone() for p in params]
+        self.optimizer = factory(self.anchor)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"outer must build a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+
+    @torch.no_grad()
+    def step(self, params: list[torch.Tensor]) -> None:
+        """xbar <- OUTER.step(xbar, Delta = xbar - x). The caller then copies back (after GASLoC's
+        gossip of the anchors, directly for DiLoCo)."""
+        for xbar, x in zip(self.anchor, params):
+            xbar.grad = xbar - x
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def copy_to(self, params: list[torch.Tensor]) -> None:
+        """x <- xbar."""
+        for xbar, x in zip(self.anchor, params):
+            x.copy_(xbar)
+            xbar.grad = None
+
+    def add(self, params: list[torch.Tensor]) -> None:
+        """New parameters (``add_param_group``): their anchor starts at their current value."""
+        new = [p.detach().clone() for p in params]
+        self.anchor += new
+        self.optimizer.add_param_group({"params": new})
+
+    def hyperparameters(self, keys: tuple[str, ...] = ("lr", "momentum", "nesterov", "dampening")) -> dict[str, Any]:
+        return {k: v for k, v in self.optimizer.defaults.items() if k in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": [a.detach().clone() for a in self.anchor], "outer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["anchor"]) != len(self.anchor):
+            raise CheckpointMismatchError(f"checkpoint has {len(state['anchor'])} outer anchors but this "
+                                          f"optimizer has {len(self.anchor)} parameters")
+        for a, saved in zip(self.anchor, state["anchor"]):
+            a.copy_(saved)
+        self.optimizer.load_state_dict(state["outer"])
