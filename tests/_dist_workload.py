@@ -173,7 +173,7 @@ def build_sim(method: str, inner: str, world_size: int, seed: int = SEED, model:
 def train_sim(replicas: StackedReplicas, opt, start: int, stop: int, seed: int = SEED) -> None:
     for step in range(start, stop):
         replicas.zero_grad()
-        for m in range(len(replicas)):
+        for m in range(replicas.world_size):
             _loss(replicas[m], seed, m, step).backward()
         replicas.collect_grads()
         opt.step()

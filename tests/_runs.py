@@ -45,3 +45,12 @@ def assert_same(a, b):
         for i in sa[m]:
             for n in sa[m][i]:
                 assert torch.equal(sa[m][i][n], sb[m][i][n]), f"worker {m} state {i}/{n}"
+
+
+def stop_and_resume(args, env, out, stop_after=7):
+    """``desloc train ARGS --stop-after N`` into ``out``, then ``--resume`` to the end."""
+    first = desloc(["train", *args, "--out", str(out), "--stop-after", str(stop_after)], env)
+    assert first.returncode == 0, first.stderr
+    assert RunDir(out).latest_step() == stop_after and not (out / "summary.json").exists()
+    second = desloc(["train", "--out", str(out), "--resume"], env)
+    assert second.returncode == 0, second.stderr

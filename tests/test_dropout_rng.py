@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from desloc.model import GPT, GPTConfig
 from desloc.records import RunDir
 
-from _runs import assert_same, desloc, final_state  # noqa: E402
+from _runs import assert_same, desloc, final_state, stop_and_resume  # noqa: E402
 from desloc.workers import ProcessWorkers, SimWorkers, worker_seed
 
 SMALL = ["--workers", "2", "--steps", "12", "--batch-size", "2", "--seq-len", "32", "--kx", "4",
@@ -67,11 +67,7 @@ def test_dropout_changes_the_run(sim_run, tmp_path, env):
 
 def test_resume_with_dropout_is_bitwise(sim_run, tmp_path, env):
     out = tmp_path / "resumed"
-    first = desloc(["train", *SMALL, "--out", str(out), "--stop-after", "7"], env)  # 7: mid-period (K_x=4)
-    assert first.returncode == 0, first.stderr
-    assert RunDir(out).latest_step() == 7 and not (out / "summary.json").exists()
-    second = desloc(["train", "--out", str(out), "--resume"], env)
-    assert second.returncode == 0, second.stderr
+    stop_and_resume(SMALL, env, out, stop_after=7)  # 7: mid-period (K_x=4)
     assert rows(out) == rows(sim_run)
     assert_same(final_state(sim_run), final_state(out))
 

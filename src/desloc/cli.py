@@ -165,7 +165,7 @@ def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, 
             for key in path[:-1]:
                 node = node[key]
             node[path[-1]] = getattr(args, dest)
-    if cfg["method"]["name"] == "mtdao":  # --method mtdao brings its own inner optimizer
+    if _preset(cfg["method"]["name"]).inner == "mtdao":  # --method mtdao brings its own inner optimizer
         cfg["inner"]["name"] = _mtdao_inner(cfg["inner"]["name"], explicit=hasattr(args, "inner"))
     if getattr(args, "bf16", False):
         cfg["bf16"] = True
@@ -177,6 +177,14 @@ def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, 
     for key, value in fixed.items():
         cfg[key] = value
     return TrainConfig.from_dict(cfg) if build else cfg
+
+
+def _preset(name: str):
+    """The registry row of method ``name`` (an unknown name is reported by MethodConfig)."""
+    from desloc.algorithms import METHODS, Preset
+    from desloc.algorithms.desloc import DesLoc
+
+    return METHODS.get(name) or Preset(DesLoc, "")
 
 
 def _mtdao_inner(inner: str, explicit: bool, default: str = "mtdao") -> str:
@@ -234,29 +242,28 @@ def _unused_flags(args: argparse.Namespace, cfg, in_compare: bool = False) -> di
     """Flags passed explicitly that this run's method, inner optimizer or data settings ignore,
     each with the reason (flag -> why)."""
     m, inner, out = cfg.method, cfg.inner, {}
+    preset = _preset(m.name)
 
     def refuse(dest: str, why: str) -> None:
         if hasattr(args, dest):
             out[_flag(dest)] = why
 
-    if m.name == "ddp":
-        refuse("kx", "ddp all-reduces the gradient every step; it has no sync period")
-    state_period_methods = ("desloc", "mtdao") if in_compare else ("desloc", "local-adam", "mtdao")
-    if m.name not in state_period_methods:
-        fixed = {"ddp": "syncs every step", "keep-states": "never syncs optimizer states",
-                 "reset-states": "zeroes optimizer states at each parameter sync",
-                 "diloco": "never syncs optimizer states", "gasloc": "never syncs optimizer states",
-                 "local-adam": "syncs every state with the parameters (every K_x)"}.get(m.name, "has no state periods")
+    if not preset.has_sync_period:
+        refuse("kx", f"{m.name} all-reduces the gradient every step; it has no sync period")
+    takes_state_periods = ("tunable",) if in_compare else ("tunable", "tied")  # tied: --ku = --kx is allowed
+    if preset.state_periods not in takes_state_periods:
+        from desloc.algorithms import tunable_methods
+
         for dest in ("ku", "kv"):
-            refuse(dest, f"{m.name} {fixed}; K_u / K_v apply to desloc and mtdao")
+            refuse(dest, f"{m.name} {preset.why_fixed}; K_u / K_v apply to {tunable_methods()}")
     if m.momentum_periods is None:
         refuse("momentum_periods", f"{m.name} with inner {inner.name} has no MT-DAO momenta to give periods")
     if m.outer is None:
         refuse("outer", f"{m.name} has no parameter sync to put an outer optimizer on")
-        hint = "" if m.name == "ddp" else "; add --outer nesterov (or sgd) to use one"
+        hint = "; add --outer nesterov (or sgd) to use one" if preset.has_sync_period else ""
         for dest in ("outer_lr", "outer_momentum"):
             refuse(dest, f"{m.name} runs no outer optimizer here{hint}")
-    if m.name != "gasloc":
+    if not preset.gossips:
         for dest in ("topology", "local_steps", "gossip_seed"):
             refuse(dest, f"only gasloc gossips, not {m.name}")
     if not inner.name.startswith("mtdao"):
@@ -292,7 +299,7 @@ def _refuse_unused(unused: dict[str, str], where: str) -> None:
 def _check_sync_happens(cfg) -> None:
     """K_x > steps: the workers would never be averaged (and the ratio vs DDP would be infinite)."""
     kx, steps = cfg.method.period_x, cfg.steps
-    if cfg.method.name != "ddp" and kx > steps:
+    if _preset(cfg.method.name).has_sync_period and kx > steps:
         raise ConfigError(f"K_x={kx} > steps={steps}: no parameter sync would happen, the workers would "
                           f"train apart and never be averaged; lower --kx (e.g. --kx {max(1, steps // 4)}) "
                           f"or raise --steps (to at least {kx})")
@@ -407,14 +414,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         d = _train_config(args, build=False, seed=seed)  # validated below, once adapted to the method
         spec = parse_method_spec(method)
         d["method"].update(period_u=getattr(args, "ku", "auto"), period_v=getattr(args, "kv", "auto"))
-        if spec["name"] not in ("desloc", "mtdao"):
+        preset = _preset(spec["name"])
+        if preset.state_periods != "tunable":
             d["method"]["period_u"] = d["method"]["period_v"] = "auto"
-        d["method"]["outer"] = None if spec["name"] == "ddp" else getattr(args, "outer", None)
+        d["method"]["outer"] = getattr(args, "outer", None) if preset.has_sync_period else None
         d["method"].update(spec)
-        if spec["name"] == "mtdao":
+        if preset.inner == "mtdao":
             # the MT-DAO inner optimizer of the same flavour as the others' (ADOPT or Adam)
             d["inner"]["name"] = _mtdao_inner(d["inner"]["name"], explicit=True)
-        if spec["name"] not in ("desloc", "mtdao") or not d["inner"]["name"].startswith("mtdao"):
+        if preset.state_periods != "tunable" or not d["inner"]["name"].startswith("mtdao"):
             d["method"]["momentum_periods"] = None  # only MT-DAO momenta have periods of their own
         from desloc.train import TrainConfig
 

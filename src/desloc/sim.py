@@ -51,9 +51,6 @@ class StackedReplicas:
     def __getitem__(self, m: int) -> nn.Module:
         return self.replicas[m]
 
-    def __len__(self) -> int:
-        return self.world_size
-
     def collect_grads(self) -> None:
         """Stack every replica's ``.grad`` into the stacked tensors' ``.grad`` (zeros if unused)."""
         for name in self.names:

@@ -12,24 +12,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
-import sys
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from desloc.algorithms import MethodConfig, build_method
-from desloc.data import Corpus, DataConfig, WorkerStreams
-from desloc.errors import (CheckpointMismatchError, ConfigError, DivergenceError, Interrupted, RunComplete,
+from desloc import loop
+from desloc.algorithms import METHODS, MethodConfig
+from desloc.data import DataConfig
+from desloc.errors import (CheckpointMismatchError, ConfigError, RunComplete,
                            RunDirError, check_finite)
 from desloc.model import GPT, GPTConfig
 from desloc.optim import InnerConfig
-from desloc.records import RunDir, config_diff, plot_run
-from desloc.workers import ProcessWorkers, SimWorkers
+from desloc.records import RunDir, config_diff
 
 SCHEDULES = ("cosine", "wsd", "constant")
 BACKENDS = ("auto", "sim", "gloo", "nccl")
@@ -110,10 +106,10 @@ class TrainConfig:
         """The method and the inner optimizer must fit together (else a flag is silently ignored)."""
         method, inner = self.method, self.inner
         mt_inner = inner.name.startswith("mtdao")
-        if method.name == "mtdao" and not mt_inner:
+        if METHODS[method.name].inner == "mtdao" and not mt_inner:
             fix = {"adopt": "mtdao", "adamw": "mtdao-adam"}.get(inner.name)
             raise ConfigError(
-                f"method mtdao needs the MT-DAO inner optimizer (mtdao = ADOPT flavour, mtdao-adam = Adam "
+                f"method {method.name} needs the MT-DAO inner optimizer (mtdao = ADOPT flavour, mtdao-adam = Adam "
                 f"flavour), got inner {inner.name!r}; "
                 + (f"use inner {fix!r}" if fix else "there is no SGD flavour; use inner 'mtdao' or 'mtdao-adam'")
             )
@@ -252,11 +248,9 @@ def estimate_sim_memory(cfg: TrainConfig) -> dict[str, int]:
     vocab = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 256
     mcfg = cfg.model_config(vocab)
     with torch.device("meta"):
-        n_params = GPT(mcfg).num_params()
-    inner = cfg.inner.name
-    states = (len(cfg.inner.mt_betas) + 1 if inner.startswith("mtdao")
-              else (1 if cfg.inner.momentum else 0) if inner == "sgdm" else 2)
-    if cfg.method.outer is not None or cfg.method.name == "gasloc":
+        n_params = sum(p.numel() for p in GPT(mcfg).parameters())
+    states = len(cfg.inner.state_roles())
+    if cfg.method.outer is not None:
         states += 2  # anchor copy and outer momentum
     per_worker = n_params * (2 + states) * 4
     tokens = cfg.batch_size * cfg.context
@@ -298,16 +292,6 @@ def _init_process_comm(cfg: TrainConfig, backend: str, timeout_s: float = 600.0)
     return comm
 
 
-def _prepare_corpus(cfg: TrainConfig, comm) -> Corpus:
-    """Rank 0 builds the tokenizer and token cache; the other ranks then load it."""
-    if comm is not None and comm.rank != 0:
-        comm.barrier()
-    corpus = Corpus.prepare(cfg.data, progress=False)
-    if comm is not None and comm.rank == 0:
-        comm.barrier()
-    return corpus
-
-
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: int | None = None,
           progress: bool | None = None, overwrite: bool = False, timeout_s: float = 600.0) -> dict[str, Any]:
     """Run (or resume) a training run into ``out``; returns the summary (also summary.json).
@@ -327,8 +311,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
         start_step = _check_run_dir(run, cfg, backend) if resume else None
         if is_main and not resume:
             run.start_fresh(cfg.to_dict(), overwrite)
-        with _StopOnSignal() as stop:
-            return _train(cfg, run, backend, start_step, stop_after, progress, stop, timeout_s)
+        with loop.StopOnSignal(announce=is_main) as stop:
+            comm = _init_process_comm(cfg, backend, timeout_s) if backend != "sim" else None
+            session = loop.build(cfg, run, backend, _device(cfg, backend), comm)
+            start, elapsed_before = loop.restore(session, start_step)
+            return loop.run_loop(session, start, elapsed_before, stop_after, progress, stop)
     finally:
         run.unlock()
 
@@ -355,198 +342,6 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
         raise RunDirError(f"--resume: no valid checkpoint in {run.ckpt_root}, but the run has records; nothing "
                           "was changed. Start again with --overwrite (this discards them) or choose another --out")
     return step
-
-
-class _StopOnSignal:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one acts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"\ndesloc: {signal.Signals(signum).name} received: finishing this step and saving a "
-                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def requested(self, workers) -> int | None:
-        """The signal to stop on, agreed by every worker (any one of them received it)."""
-        if workers.engine == "sim":
-            return self.signum
-        flag = torch.tensor([float(self.signum or 0)], dtype=torch.float64, device=workers.parameters()[0].device)
-        workers.comm.all_reduce_mean([flag], ["metrics"])
-        return (self.signum or signal.SIGTERM) if flag.item() > 0 else None
-
-
-def _train(cfg: TrainConfig, run: RunDir, backend: str, start_step: int | None, stop_after: int | None,
-           progress: bool | None, stop: _StopOnSignal, timeout_s: float) -> dict[str, Any]:
-    device = _device(cfg, backend)
-    comm = _init_process_comm(cfg, backend, timeout_s) if backend != "sim" else None
-    corpus = _prepare_corpus(cfg, comm)
-    torch.manual_seed(cfg.seed)
-    streams = WorkerStreams(corpus, cfg.data, cfg.workers, cfg.context, cfg.batch_size, cfg.seed)
-    val_batches = streams.val_batches(cfg.eval_batches)  # both check the text's size: before allocating
-    model = GPT(cfg.model_config(corpus.vocab_size)).to(device)  # same seed -> same init everywhere
-    workers = SimWorkers(model, cfg.workers) if comm is None else ProcessWorkers(model, comm)
-    inner = cfg.inner.build(workers.parameters())
-    opt = build_method(cfg.method, inner, workers.comm, cfg.inner.state_roles())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-
-    start, elapsed_before = 0, 0.0
-    rank = workers.local_workers[0] if backend != "sim" else 0
-    if start_step is not None:
-        ckpt = run.load_checkpoint(rank, start_step)
-        if ckpt["data_fingerprint"] != corpus.fingerprint:
-            raise CheckpointMismatchError("checkpoint was trained on different data or tokenizer "
-                                          f"({ckpt['data_fingerprint']} vs {corpus.fingerprint})")
-        workers.load_model_state(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start, elapsed_before = ckpt["step"], ckpt["elapsed_s"]
-        if workers.is_main:
-            run.truncate_metrics(start)
-    elif workers.is_main and run.read_metrics():
-        run.truncate_metrics(0)  # --resume of a run that crashed before its first checkpoint
-
-    tokens_per_step = cfg.workers * cfg.batch_size * cfg.context
-    n_params = sum(p.numel() for p in model.parameters())
-    title = (f"{cfg.method.name} ({cfg.inner.name}), M={cfg.workers}, {cfg.model} "
-             f"({n_params / 1e6:.2f}M params), {backend}")
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    show = workers.is_main and (sys.stderr.isatty() if progress is None else progress)
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=cfg.method.name, unit="step")
-    t0 = time.perf_counter()
-    val_loss = None
-    stop_signal = None
-    last_ckpt = start
-    for step in range(start, end):
-        batches = [streams.batch(m, step) for m in workers.local_workers]
-        stats = workers.forward_backward(batches, device.split(":")[0], cfg.bf16, seed=cfg.seed, step=step)
-        done = step + 1
-        if not math.isfinite(stats["loss"]):
-            _diverged(run, workers, cfg, done, f"the training loss is {stats['loss']}", last_ckpt)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        if is_eval:
-            val_loss = workers.evaluate(val_batches, device.split(":")[0], cfg.bf16)
-        if done % cfg.log_every == 0 or is_eval:
-            summary = opt.comm_summary()
-            pnorm = workers.param_norm()
-            elapsed = elapsed_before + time.perf_counter() - t0
-            row = {"step": done, "train_loss": stats["loss"], "val_loss": val_loss if is_eval else None,
-                   "lr": lr, "grad_norm": stats["grad_norm"], "param_norm": pnorm,
-                   "tokens": done * tokens_per_step, "bytes_sent": summary["bytes_sent"],
-                   "bytes_by_state": summary["bytes_by_state"], "elapsed_s": elapsed}
-            if workers.is_main:
-                run.append_metrics(row)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{(done - start) * tokens_per_step / max(elapsed - elapsed_before, 1e-9):.0f}",
-                                sent=_human_bytes(summary["bytes_sent"]))
-                if not show and (done % (cfg.log_every * 8) == 0 or is_eval):
-                    vl = f" val {val_loss:.4f}" if is_eval else ""
-                    print(f"[{cfg.method.name}] step {done}/{cfg.steps} loss {stats['loss']:.4f}{vl} "
-                          f"sent {_human_bytes(summary['bytes_sent'])}", file=sys.stderr, flush=True)
-        bar.update(1)
-        stop_signal = stop.requested(workers)
-        if done % cfg.ckpt_every == 0 or done == end or stop_signal is not None:
-            if not _state_is_finite(opt, workers):
-                _diverged(run, workers, cfg, done, "parameters or optimizer states are not finite", last_ckpt)
-            _checkpoint(run, workers, opt, sched, done, elapsed_before + time.perf_counter() - t0,
-                        corpus.fingerprint, rank, backend)
-            last_ckpt = done
-        if stop_signal is not None:
-            end = done
-            break
-    bar.close()
-    elapsed = elapsed_before + time.perf_counter() - t0
-    result = _summary(cfg, opt, workers, backend, end, val_loss, elapsed, n_params, tokens_per_step)
-    if workers.is_main:
-        if end == cfg.steps:
-            run.write_summary(result)
-        plot_run(run.path, run.read_metrics(), title)
-    if backend != "sim":
-        from desloc.comm.torch_dist import shutdown
-
-        workers.comm.barrier()
-        shutdown()
-    if stop_signal is not None:
-        raise Interrupted(f"{signal.Signals(stop_signal).name}: stopped after step {end} of {cfg.steps} and "
-                          f"saved a checkpoint; continue with: desloc train --out {run.path} --resume",
-                          int(stop_signal), end)
-    return result
-
-
-def _state_is_finite(opt, workers) -> bool:
-    """Every parameter and optimizer-state tensor finite, on every worker."""
-    tensors = list(opt.params) + [v for s in opt.inner.state.values() for v in s.values()
-                                  if torch.is_tensor(v) and v.is_floating_point()]
-    bad = float(not all(bool(torch.isfinite(t).all()) for t in tensors))
-    if workers.engine != "sim":
-        flag = torch.tensor([bad], dtype=torch.float64, device=tensors[0].device)  # NCCL: on the GPU
-        workers.comm.all_reduce_mean([flag], ["metrics"])
-        bad = flag.item()
-    return bad == 0
-
-
-def _diverged(run: RunDir, workers, cfg: TrainConfig, step: int, what: str, last_ckpt: int) -> None:
-    """Record the divergence (summary.json, status "diverged") and stop with DivergenceError."""
-    if workers.is_main:
-        run.write_summary({"status": "diverged", "diverged_at_step": step, "reason": what,
-                           "method": cfg.method.name, "workers": cfg.workers, "steps": cfg.steps,
-                           "last_checkpoint_step": last_ckpt if last_ckpt > 0 else None, "seed": cfg.seed})
-    raise DivergenceError(f"training diverged at step {step}: {what}. Nothing non-finite was checkpointed "
-                          f"(last checkpoint: step {last_ckpt}). Lower --lr (now {cfg.inner.lr:g}) or raise "
-                          f"--warmup (now {cfg.warmup_steps})", step)
-
-
-def _checkpoint(run, workers, opt, sched, step, elapsed, fingerprint, rank, backend) -> None:
-    state = {"step": step, "elapsed_s": elapsed, "data_fingerprint": fingerprint,
-             "model": workers.model_state(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-    run.save_checkpoint(step, rank, state)
-    if backend != "sim":
-        workers.comm.barrier()
-    if workers.is_main:
-        run.publish_checkpoint(step, ranks=1 if backend == "sim" else workers.world_size)
-
-
-def _summary(cfg, opt, workers, backend, steps, val_loss, elapsed, n_params, tokens_per_step) -> dict[str, Any]:
-    comm = opt.comm_summary()
-    return {
-        "method": cfg.method.name, "inner": cfg.inner.name, "workers": cfg.workers, "steps": steps,
-        "backend": backend, "model": cfg.model, "params": n_params, "tokens": steps * tokens_per_step,
-        "final_val_loss": val_loss, "final_val_ppl": math.exp(val_loss) if val_loss is not None else None,
-        "bytes_sent": comm["bytes_sent"], "bytes_by_state": comm["bytes_by_state"],
-        "ddp_equivalent_bytes": comm["ddp_equivalent_bytes"], "ratio_vs_ddp": comm["ratio_vs_ddp"],
-        "wall_time_s": elapsed, "tokens_per_s": steps * tokens_per_step / max(elapsed, 1e-9),
-        "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
-        **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
-        "seed": cfg.seed,
-    }
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 def unresolved_defaults() -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The workers a training run drives: all M in this process (simulator) or this process's one.
 
 Both expose the same small surface to the training loop -- forward/backward on each local
-worker's batch, per-worker metrics averaged over all workers, evaluation, and the model state
-to checkpoint -- so ``train.py`` has one loop for both engines.
+worker's batch, local metrics, their mean over all workers (:meth:`mean_over_workers`, the only
+communication here, one all-reduce at a logging step under torch.distributed), evaluation, and
+the model state to checkpoint -- so ``train.py`` has one loop for both engines, and real workers
+are never forced into lockstep between the method's own syncs.
 
 Randomness (dropout) is part of the run, and stateless like the data: worker m's forward and
 backward at step t run inside :func:`worker_rng`, which forks the global RNG and seeds it from
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,6 +74,15 @@ def _autocast(device: str, bf16: bool):
     return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
+@dataclass
+class StepStats:
+    """One step's local results: each local worker's loss (a tensor, not yet read: reading it
+    would wait for the device) and, on measured steps, each local worker's gradient norm."""
+
+    losses: torch.Tensor
+    grad_norms: list[float] | None = None
+
+
 class SimWorkers:
     """M workers in one process over :class:`StackedReplicas` and :class:`SimulatedComm`."""
 
@@ -88,7 +100,8 @@ class SimWorkers:
     def model(self, worker: int) -> nn.Module:
         return self.replicas[worker]
 
-    def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int) -> dict[str, float]:
+    def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int,
+                         measure: bool = False) -> StepStats:
         """Each worker's forward/backward on its batch; random draws from (seed, worker, step)."""
         self.replicas.zero_grad()
         losses = []
@@ -98,26 +111,31 @@ class SimWorkers:
                 with _autocast(device, bf16):
                     _, loss = replica(x.to(device), y.to(device))
                 loss.backward()
-            losses.append(loss.item())
+            losses.append(loss.detach())
         self.replicas.collect_grads()
-        stacked = self.replicas.parameters()
-        gnorm = torch.stack([p.grad.float().flatten(1).pow(2).sum(1) for p in stacked]).sum(0).sqrt()
-        # float64 means over workers, as ProcessWorkers' float64 all-reduce computes them
-        return {"loss": sum(losses) / len(losses), "grad_norm": sum(gnorm.tolist()) / len(losses)}
+        norms = None
+        if measure:
+            stacked = self.replicas.parameters()
+            norms = torch.stack([p.grad.float().flatten(1).pow(2).sum(1) for p in stacked]).sum(0).sqrt().tolist()
+        return StepStats(torch.stack(losses), norms)
 
-    def param_norm(self) -> float:
+    def param_norms(self) -> list[float]:
+        """Each local worker's parameter norm."""
         sq = torch.stack([p.detach().float().flatten(1).pow(2).sum(1) for p in self.parameters()]).sum(0)
-        return sum(sq.sqrt().tolist()) / self.world_size
+        return sq.sqrt().tolist()
+
+    def mean_over_workers(self, columns: dict[str, list[float]]) -> dict[str, float]:
+        """Each column's mean over the workers (all of them are here; float64, as ProcessWorkers')."""
+        return {k: sum(v) / len(v) for k, v in columns.items()}
 
     def identical(self) -> bool:
         return all(torch.equal(p[0].expand_as(p), p) for p in self.parameters())
 
     @torch.no_grad()
-    def evaluate(self, val_batches, device: str, bf16: bool) -> float:
-        """Mean over workers of each worker's validation loss (one model if all are equal)."""
+    def evaluate(self, val_batches, device: str, bf16: bool) -> list[float]:
+        """Each worker's validation loss (just one if all the models are equal)."""
         workers = [0] if self.identical() else self.local_workers
-        per_worker = [_eval_model(self.replicas[m], val_batches, device, bf16) for m in workers]
-        return sum(per_worker) / len(per_worker)
+        return [_eval_model(self.replicas[m], val_batches, device, bf16) for m in workers]
 
     def model_state(self) -> dict[str, Any]:
         return {"stacked": self.replicas.state_dict()}
@@ -136,7 +154,7 @@ class ProcessWorkers:
         self.net = model
         self.comm = comm
         self.world_size = comm.world_size
-        self.rank = comm.rank  # type: ignore[attr-defined]
+        (self.rank,) = comm.local_workers
         self.local_workers = [self.rank]
         self.is_main = self.rank == 0
         self.engine = "torch.distributed"
@@ -152,25 +170,33 @@ class ProcessWorkers:
         self.comm.all_reduce_mean([t], ["metrics"])
         return t.tolist()
 
-    def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int) -> dict[str, float]:
-        """This rank's forward/backward; random draws from (seed, rank, step), as the simulator's."""
+    def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int,
+                         measure: bool = False) -> StepStats:
+        """This rank's forward/backward; random draws from (seed, rank, step), as the simulator's.
+        Nothing is communicated (metrics are averaged only when logged: :meth:`mean_over_workers`)."""
         self.net.zero_grad(set_to_none=True)
         (x, y), = batches
         with worker_rng(seed, self.rank, step, _model_device(self.net)):
             with _autocast(device, bf16):
                 _, loss = self.net(x.to(device), y.to(device))
             loss.backward()
-        gsq = sum(p.grad.float().pow(2).sum() for p in self.net.parameters() if p.grad is not None)
-        loss_mean, gnorm = self._mean([loss.item(), float(gsq) ** 0.5])
-        return {"loss": loss_mean, "grad_norm": gnorm}
+        norms = None
+        if measure:
+            gsq = sum(p.grad.float().pow(2).sum() for p in self.net.parameters() if p.grad is not None)
+            norms = [float(gsq) ** 0.5]
+        return StepStats(loss.detach().reshape(1), norms)
 
-    def param_norm(self) -> float:
+    def param_norms(self) -> list[float]:
         sq = sum(p.detach().float().pow(2).sum() for p in self.net.parameters())
-        return self._mean([float(sq) ** 0.5])[0]
+        return [float(sq) ** 0.5]
+
+    def mean_over_workers(self, columns: dict[str, list[float]]) -> dict[str, float]:
+        """One float64 all-reduce (tag "metrics") of this rank's value of every column."""
+        return dict(zip(columns, self._mean([v[0] for v in columns.values()])))
 
     @torch.no_grad()
-    def evaluate(self, val_batches, device: str, bf16: bool) -> float:
-        return self._mean([_eval_model(self.net, val_batches, device, bf16)])[0]
+    def evaluate(self, val_batches, device: str, bf16: bool) -> list[float]:
+        return [_eval_model(self.net, val_batches, device, bf16)]
 
     def model_state(self) -> dict[str, Any]:
         return {"module": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}

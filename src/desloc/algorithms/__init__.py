@@ -52,7 +52,13 @@ class Preset:
 
     @property
     def has_sync_period(self) -> bool:
+        """False for DDP, which all-reduces the gradient every step."""
         return self.cls is not DDP
+
+    @property
+    def gossips(self) -> bool:
+        """Exchanges with random peers (topology, local steps) instead of all-reducing."""
+        return self.cls is GasLoc
 
 
 METHODS: dict[str, Preset] = {

@@ -41,8 +41,7 @@ bookkeeping is shared code (:meth:`Communicator._record_all_reduce`,
     and out of :meth:`summary`.
 
 :meth:`summary` returns the engine-independent fields; ``tests/test_gloo_equivalence.py``
-checks it is equal between the simulator and real gloo runs of 2 and 3 processes. The wire
-traffic of a ring all-reduce is ``2 (M-1) / M`` times ``total_bytes`` (:meth:`wire_bytes_ring`).
+checks it is equal between the simulator and real gloo runs of 2 and 3 processes.
 """
 
 from __future__ import annotations
@@ -129,12 +128,6 @@ class CommLedger:
         for link, n in self.bytes_by_link.items():
             out[int(link.split("->")[0])] += n
         return dict(sorted(out.items()))
-
-    def wire_bytes_ring(self, world_size: int) -> float:
-        """Bytes each worker puts on the wire if every collective were a ring all-reduce."""
-        if world_size <= 1:
-            return 0.0
-        return self.total_bytes * 2.0 * (world_size - 1) / world_size
 
     # --------------------------------------------------------------- save/load
     def state_dict(self) -> dict[str, Any]:

@@ -7,12 +7,8 @@ NCCL when CUDA is available, gloo otherwise; multi-node runs work as torchrun se
 ``all_reduce_mean`` groups tensors by (dtype, device), copies them into flat buckets of at most
 ``bucket_bytes``, issues one SUM all-reduce per bucket, divides by the world size and copies
 back. SUM-then-divide (not ``ReduceOp.AVG``) keeps the numerics identical to the simulator.
-The flat bucket lives in a buffer kept per (dtype, device) and reused by every call (at most
-``bucket_bytes``, or the largest tensor, per kind), and the division is done while copying back
-(the same ``div`` on the same values, so bitwise the same result). A fresh buffer per call is
-page-faulted in on every sync once it is too large for the C allocator to reuse (above glibc's
-32 MiB mmap threshold, always), and a separate ``div_`` pass is one more trip through memory
-(``benchmarks/sync_cost.py``; numbers in ``benchmarks/README.md``).
+The flat bucket is a buffer reused across calls (per dtype and device) and the division is fused
+into the copy back; why, and what it measured, is in ``benchmarks/README.md`` (sync_cost.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,304 @@
+"""The training loop of ``desloc train``, in four parts: build, restore, step, log.
+
+:func:`run_loop` is called by :func:`desloc.train.train` once the run directory is settled. One
+loop serves both engines (:mod:`desloc.workers`). Per step a worker only computes: forward and
+backward on its own batch, then the method's optimizer step (which communicates when the
+method's schedule says so). Everything else that would make real workers wait for each other
+happens only at logging and checkpoint steps, in one small all-reduce (``mean_over_workers``):
+the logged means, whether any worker saw a non-finite loss, and whether any worker was asked to
+stop (SIGINT / SIGTERM). In the simulator, where that costs nothing, a stop is taken right after
+the current step; under torchrun at the next logging or checkpoint step, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from desloc.algorithms import build_method
+from desloc.data import Corpus, WorkerStreams
+from desloc.errors import CheckpointMismatchError, DivergenceError, Interrupted
+from desloc.model import GPT
+from desloc.records import RunDir, plot_run
+from desloc.workers import ProcessWorkers, SimWorkers
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to stop after a step; a second one acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if self.announce:
+            print(f"\ndesloc: {signal.Signals(signum).name} received: finishing this step and saving a "
+                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Session:
+    """Everything one run holds while it trains."""
+
+    cfg: Any  # TrainConfig
+    run: RunDir
+    backend: str
+    device: str
+    corpus: Corpus
+    streams: WorkerStreams
+    val_batches: list
+    workers: SimWorkers | ProcessWorkers
+    opt: Any  # SyncedOptimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    n_params: int
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.workers * self.cfg.batch_size * self.cfg.context
+
+    @property
+    def rank(self) -> int:
+        return self.workers.local_workers[0] if self.backend != "sim" else 0
+
+
+# ------------------------------------------------------------------------------------- build
+def build(cfg, run: RunDir, backend: str, device: str, comm) -> Session:
+    """Data, model, workers, the method's optimizer and the LR schedule, on either engine."""
+    from desloc.train import lr_factor
+
+    corpus = _prepare_corpus(cfg, comm)
+    torch.manual_seed(cfg.seed)
+    streams = WorkerStreams(corpus, cfg.data, cfg.workers, cfg.context, cfg.batch_size, cfg.seed)
+    val_batches = streams.val_batches(cfg.eval_batches)  # both check the text's size: before allocating
+    model = GPT(cfg.model_config(corpus.vocab_size)).to(device)  # same seed -> same init everywhere
+    workers = SimWorkers(model, cfg.workers) if comm is None else ProcessWorkers(model, comm)
+    inner = cfg.inner.build(workers.parameters())
+    opt = build_method(cfg.method, inner, workers.comm, cfg.inner.state_roles())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    return Session(cfg, run, backend, device, corpus, streams, val_batches, workers, opt, sched,
+                   sum(p.numel() for p in model.parameters()))
+
+
+def _prepare_corpus(cfg, comm) -> Corpus:
+    """Rank 0 builds the tokenizer and token cache; the other ranks then load it."""
+    if comm is not None and comm.rank != 0:
+        comm.barrier()
+    corpus = Corpus.prepare(cfg.data, progress=False)
+    if comm is not None and comm.rank == 0:
+        comm.barrier()
+    return corpus
+
+
+# ----------------------------------------------------------------------------------- restore
+def restore(s: Session, start_step: int | None) -> tuple[int, float]:
+    """Load the checkpoint of ``start_step`` (None: a fresh start). Returns (step, elapsed seconds)."""
+    if start_step is None:
+        if s.workers.is_main and s.run.read_metrics():
+            s.run.truncate_metrics(0)  # --resume of a run that crashed before its first checkpoint
+        return 0, 0.0
+    ckpt = s.run.load_checkpoint(s.rank, start_step)
+    if ckpt["data_fingerprint"] != s.corpus.fingerprint:
+        raise CheckpointMismatchError("checkpoint was trained on different data or tokenizer "
+                                      f"({ckpt['data_fingerprint']} vs {s.corpus.fingerprint})")
+    s.workers.load_model_state(ckpt["model"])
+    s.opt.load_state_dict(ckpt["optimizer"])
+    s.sched.load_state_dict(ckpt["scheduler"])
+    if s.workers.is_main:
+        s.run.truncate_metrics(ckpt["step"])
+    return ckpt["step"], ckpt["elapsed_s"]
+
+
+def checkpoint(s: Session, step: int, elapsed: float) -> None:
+    state = {"step": step, "elapsed_s": elapsed, "data_fingerprint": s.corpus.fingerprint,
+             "model": s.workers.model_state(), "optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict()}
+    s.run.save_checkpoint(step, s.rank, state)
+    if s.backend != "sim":
+        s.workers.comm.barrier()
+    if s.workers.is_main:
+        s.run.publish_checkpoint(step, ranks=1 if s.backend == "sim" else s.workers.world_size)
+
+
+# -------------------------------------------------------------------------------------- step
+class Health:
+    """The first step with a non-finite loss on this process, tracked on the device (no sync)."""
+
+    def __init__(self) -> None:
+        self.first_bad: torch.Tensor | None = None
+
+    def observe(self, losses: torch.Tensor, step: int) -> None:
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=losses.device)
+        bad = ~torch.isfinite(losses).all()
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+
+    def first_bad_step(self) -> int:
+        """0 if every loss so far was finite (reads the device)."""
+        return 0 if self.first_bad is None else int(self.first_bad.item())
+
+
+def state_is_finite(s: Session) -> bool:
+    """Every parameter and optimizer-state tensor finite, on every worker."""
+    tensors = list(s.opt.params) + [v for st in s.opt.inner.state.values() for v in st.values()
+                                    if torch.is_tensor(v) and v.is_floating_point()]
+    bad = float(not all(bool(torch.isfinite(t).all()) for t in tensors))
+    return s.workers.mean_over_workers({"bad": [bad]})["bad"] == 0
+
+
+def diverged(s: Session, step: int, what: str, last_ckpt: int) -> None:
+    """Record the divergence (summary.json, status "diverged") and stop with DivergenceError."""
+    cfg = s.cfg
+    if s.workers.is_main:
+        s.run.write_summary({"status": "diverged", "diverged_at_step": step, "reason": what,
+                             "method": cfg.method.name, "workers": cfg.workers, "steps": cfg.steps,
+                             "last_checkpoint_step": last_ckpt if last_ckpt > 0 else None, "seed": cfg.seed})
+    raise DivergenceError(f"training diverged at step {step}: {what}. Nothing non-finite was checkpointed "
+                          f"(last checkpoint: step {last_ckpt}). Lower --lr (now {cfg.inner.lr:g}) or raise "
+                          f"--warmup (now {cfg.warmup_steps})", step)
+
+
+# --------------------------------------------------------------------------------------- log
+def log_row(s: Session, done: int, stats, lr: float, val: list[float] | None, health: Health,
+            stop: StopOnSignal, elapsed: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """The metrics row of step ``done`` and the agreed control values, from one averaging."""
+    columns = {"train_loss": stats.losses.tolist(), "grad_norm": stats.grad_norms,
+               "param_norm": s.workers.param_norms()}
+    if val is not None:
+        columns["val_loss"] = val
+    bad = health.first_bad_step()
+    columns["nonfinite"] = [float(bad > 0)]
+    columns["stop"] = [float(stop.signum or 0)]
+    mean = s.workers.mean_over_workers(columns)
+    summary = s.opt.comm_summary()
+    row = {"step": done, "train_loss": mean["train_loss"], "val_loss": mean.get("val_loss"), "lr": lr,
+           "grad_norm": mean["grad_norm"], "param_norm": mean["param_norm"], "tokens": done * s.tokens_per_step,
+           "bytes_sent": summary["bytes_sent"], "bytes_by_state": summary["bytes_by_state"], "elapsed_s": elapsed}
+    return row, {"nonfinite": mean["nonfinite"], "first_bad": bad or done, "stop": mean["stop"]}
+
+
+def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> dict[str, Any]:
+    cfg, comm = s.cfg, s.opt.comm_summary()
+    return {
+        "status": "complete" if steps == cfg.steps else "partial",
+        "method": cfg.method.name, "inner": cfg.inner.name, "workers": cfg.workers, "steps": steps,
+        "backend": s.backend, "model": cfg.model, "params": s.n_params, "tokens": steps * s.tokens_per_step,
+        "final_val_loss": val_loss, "final_val_ppl": math.exp(val_loss) if val_loss is not None else None,
+        "bytes_sent": comm["bytes_sent"], "bytes_by_state": comm["bytes_by_state"],
+        "ddp_equivalent_bytes": comm["ddp_equivalent_bytes"], "ratio_vs_ddp": comm["ratio_vs_ddp"],
+        "wall_time_s": elapsed, "tokens_per_s": steps * s.tokens_per_step / max(elapsed, 1e-9),
+        "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
+        **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
+        "seed": cfg.seed,
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+# -------------------------------------------------------------------------------------- loop
+def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | None, progress: bool | None,
+             stop: StopOnSignal) -> dict[str, Any]:
+    cfg, workers = s.cfg, s.workers
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    title = (f"{cfg.method.name} ({cfg.inner.name}), M={cfg.workers}, {cfg.model} "
+             f"({s.n_params / 1e6:.2f}M params), {s.backend}")
+    show = workers.is_main and (sys.stderr.isatty() if progress is None else progress)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=cfg.method.name, unit="step")
+    t0 = time.perf_counter()
+    health = Health()
+    val_loss, stop_signal, last_ckpt = None, None, start
+    for step in range(start, end):
+        done = step + 1
+        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        is_log = done % cfg.log_every == 0 or is_eval
+        batches = [s.streams.batch(m, step) for m in workers.local_workers]
+        stats = workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=step, measure=is_log)
+        health.observe(stats.losses, done)
+        lr = s.sched.get_last_lr()[0]
+        s.opt.step()
+        s.sched.step()
+        if is_log:
+            val = workers.evaluate(s.val_batches, s.device_type, cfg.bf16) if is_eval else None
+            elapsed = elapsed_before + time.perf_counter() - t0
+            row, agreed = log_row(s, done, stats, lr, val, health, stop, elapsed)
+            if agreed["nonfinite"] > 0:
+                diverged(s, agreed["first_bad"], "the training loss is not finite", last_ckpt)
+            if is_eval:
+                val_loss = row["val_loss"]
+            if agreed["stop"] > 0:
+                stop_signal = stop.signum or signal.SIGTERM
+            if workers.is_main:
+                s.run.append_metrics(row)
+                _report(s, bar, show, row, start, elapsed - elapsed_before, is_eval)
+        elif workers.engine == "sim":
+            stop_signal = stop.signum  # one process: no need to agree
+        bar.update(1)
+        if done % cfg.ckpt_every == 0 or done == end or stop_signal is not None:
+            if not state_is_finite(s):
+                diverged(s, health.first_bad_step() or done, "parameters or optimizer states are not finite",
+                         last_ckpt)
+            checkpoint(s, done, elapsed_before + time.perf_counter() - t0)
+            last_ckpt = done
+        if stop_signal is not None:
+            end = done
+            break
+    bar.close()
+    elapsed = elapsed_before + time.perf_counter() - t0
+    result = summary(s, end, val_loss, elapsed)
+    if workers.is_main:
+        if end == cfg.steps:
+            s.run.write_summary(result)
+        plot_run(s.run.path, s.run.read_metrics(), title)
+    if s.backend != "sim":
+        from desloc.comm.torch_dist import shutdown
+
+        workers.comm.barrier()
+        shutdown()
+    if stop_signal is not None:
+        raise Interrupted(f"{signal.Signals(stop_signal).name}: stopped after step {end} of {cfg.steps} and "
+                          f"saved a checkpoint; continue with: desloc train --out {s.run.path} --resume",
+                          int(stop_signal), end)
+    return result
+
+
+def _report(s: Session, bar, show: bool, row: dict[str, Any], start: int, elapsed: float, is_eval: bool) -> None:
+    cfg, done = s.cfg, row["step"]
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                    tok_s=f"{(done - start) * s.tokens_per_step / max(elapsed, 1e-9):.0f}",
+                    sent=human_bytes(row["bytes_sent"]))
+    if not show and (done % (cfg.log_every * 8) == 0 or is_eval):
+        vl = f" val {row['val_loss']:.4f}" if is_eval else ""
+        print(f"[{cfg.method.name}] step {done}/{cfg.steps} loss {row['train_loss']:.4f}{vl} "
+              f"sent {human_bytes(row['bytes_sent'])}", file=sys.stderr, flush=True)
