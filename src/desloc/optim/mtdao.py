@@ -51,41 +51,38 @@ tau_0.5(beta) = ln 0.5 / ln beta:
   * beta2 = 0.9999 (adopt, as the papers use ADOPT) or 0.999 (adam); eps = 1e-6 / 1e-8.
 
 Every operation is elementwise (scalars shared), so one instance over worker-stacked tensors
-equals M independent instances. The math lives in :func:`mtdao_adopt_update` and
-:func:`mtdao_adam_update`; the class only validates arguments and holds state.
+equals M independent instances. The update body is shared with ADOPT in
+:mod:`desloc.optim.elementwise`; :func:`mtdao_adopt_update` and :func:`mtdao_adam_update` apply it
+to one tensor, and the class only validates arguments and names the states.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from desloc.errors import ConfigError
-from desloc.optim.adopt import adopt_normalize
+from desloc.optim.elementwise import (
+    ElementwiseOptimizer, Rule, adam_flavour_step, adopt_flavour_step, check_decay, check_lr_eps_wd,
+)
 
 FLAVOURS = ("adopt", "adam")
 _BETA2 = {"adopt": 0.9999, "adam": 0.999}
 _EPS = {"adopt": 1e-6, "adam": 1e-8}
 
 
+def momentum_names(num_momenta: int) -> tuple[str, ...]:
+    """State names of the first momenta u^0 .. u^(N-1)."""
+    return tuple(f"exp_avg_{j}" for j in range(num_momenta))
+
+
 def state_roles(num_momenta: int) -> dict[str, str]:
     """State name -> role for an MT-DAO with ``num_momenta`` first momenta."""
-    roles = {f"exp_avg_{j}": f"u{j}" for j in range(num_momenta)}
+    roles = {name: f"u{j}" for j, name in enumerate(momentum_names(num_momenta))}
     roles["exp_avg_sq"] = "v"
     return roles
-
-
-def _mix(current: torch.Tensor, momenta: Sequence[torch.Tensor], weights: Sequence[float],
-         rest: float) -> torch.Tensor:
-    """rest * current + sum_j weights[j] * momenta[j] in a new tensor. Zero weights are skipped:
-    with rest = 0 the current gradient is not read at all, as in the base optimizer."""
-    out = current * rest if rest != 0 else torch.zeros_like(current)
-    for u, w in zip(momenta, weights):
-        if w != 0:
-            out.add_(u, alpha=w)
-    return out
 
 
 def mtdao_adopt_update(
@@ -94,17 +91,8 @@ def mtdao_adopt_update(
     omegas: Sequence[float], beta2: float, eps: float, weight_decay: float,
 ) -> None:
     """One ADOPT-flavour MT-DAO step in place. ``step`` is the number of earlier calls."""
-    if step == 0:
-        exp_avg_sq.copy_(grad * grad)
-        return
-    normed = adopt_normalize(grad, exp_avg_sq, step, eps)
-    for u, beta in zip(exp_avgs, betas):
-        u.mul_(beta).add_(normed, alpha=1 - beta)
-    direction = _mix(normed, exp_avgs, omegas, max(0.0, 1.0 - sum(omegas)))
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    param.add_(direction, alpha=-lr)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    adopt_flavour_step([param], [grad], [[u] for u in exp_avgs], [exp_avg_sq], step, lr, betas, omegas,
+                       beta2, eps, weight_decay)
 
 
 def mtdao_adam_update(
@@ -113,19 +101,8 @@ def mtdao_adam_update(
     omegas: Sequence[float], beta2: float, eps: float, weight_decay: float,
 ) -> None:
     """One Adam-flavour MT-DAO step in place. ``step`` is the number of earlier calls."""
-    tau = step + 1
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    for u, beta in zip(exp_avgs, betas):
-        u.mul_(beta).add_(grad, alpha=1 - beta)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    corrected = [w / (1 - beta**tau) for w, beta in zip(omegas, betas)]  # omega_j / (1 - beta_j^tau)
-    direction = _mix(grad, exp_avgs, corrected, max(0.0, 1.0 - sum(omegas)))
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**tau)).add_(eps)
-    param.addcdiv_(direction, denom, value=-lr)
-
-
-_UPDATES = {"adopt": mtdao_adopt_update, "adam": mtdao_adam_update}
+    adam_flavour_step([param], [grad], [[u] for u in exp_avgs], [exp_avg_sq], step, lr, betas, omegas,
+                      beta2, eps, weight_decay)
 
 
 def _check(h: dict) -> None:
@@ -141,8 +118,7 @@ def _check(h: dict) -> None:
             f"omegas = {tuple(omegas)} has {len(omegas)}; pass {len(betas)} weights"
         )
     for j, b in enumerate(betas):
-        if not 0.0 <= b < 1.0:
-            raise ConfigError(f"MTDAO betas[{j}] must be in [0, 1), got {b}; e.g. 0.9 (fast) or 0.99 (slow)")
+        check_decay("MTDAO", f"betas[{j}]", b, "; e.g. 0.9 (fast) or 0.99 (slow)")
     for j, w in enumerate(omegas):
         if not w >= 0.0:
             raise ConfigError(
@@ -153,17 +129,11 @@ def _check(h: dict) -> None:
             f"MTDAO omegas must sum to <= 1, got sum{tuple(omegas)} = {sum(omegas)}; "
             "scale them down (1 - sum is the weight of the current gradient)"
         )
-    if not 0.0 <= h["beta2"] < 1.0:
-        raise ConfigError(f"MTDAO beta2 must be in [0, 1), got {h['beta2']}; e.g. {_BETA2[h['flavour']]}")
-    if not h["lr"] >= 0:
-        raise ConfigError(f"MTDAO lr must be >= 0, got {h['lr']}")
-    if not h["eps"] > 0:
-        raise ConfigError(f"MTDAO eps must be > 0, got {h['eps']}; e.g. {_EPS[h['flavour']]}")
-    if not h["weight_decay"] >= 0:
-        raise ConfigError(f"MTDAO weight_decay must be >= 0, got {h['weight_decay']}; use 0 to disable")
+    check_decay("MTDAO", "beta2", h["beta2"], f"; e.g. {_BETA2[h['flavour']]}")
+    check_lr_eps_wd("MTDAO", h, eps_hint=_EPS[h["flavour"]])
 
 
-class MTDAO(torch.optim.Optimizer):
+class MTDAO(ElementwiseOptimizer):
     """MT-DAO with ``len(betas)`` first momenta; see the module docstring for the update."""
 
     def __init__(
@@ -173,44 +143,22 @@ class MTDAO(torch.optim.Optimizer):
     ):
         if flavour not in FLAVOURS:
             raise ConfigError(f"MTDAO flavour must be one of {FLAVOURS}, got {flavour!r}")
-        defaults = dict(
+        super().__init__(params, dict(
             lr=lr, betas=tuple(float(b) for b in betas), omegas=tuple(float(w) for w in omegas),
             beta2=_BETA2[flavour] if beta2 is None else beta2,
             eps=_EPS[flavour] if eps is None else eps, weight_decay=weight_decay, flavour=flavour,
-        )
-        _check(defaults)
-        super().__init__(params, defaults)
+        ))
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Validate per-group overrides too (betas, omegas, flavour, ...)."""
-        group = {k: v for k, v in param_group.items() if k != "params"}
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate per-group overrides too (betas, omegas, flavour, ...), as tuples of floats."""
         for key in ("betas", "omegas"):
-            if key in group:
-                param_group[key] = group[key] = tuple(float(x) for x in group[key])
-        _check({**self.defaults, **group})
+            if key in param_group:
+                param_group[key] = tuple(float(x) for x in param_group[key])
         super().add_param_group(param_group)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            n_momenta = len(group["betas"])
-            update = _UPDATES[group["flavour"]]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    for j in range(n_momenta):
-                        state[f"exp_avg_{j}"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                momenta = [state[f"exp_avg_{j}"] for j in range(n_momenta)]
-                update(p, p.grad, momenta, state["exp_avg_sq"], int(state["step"].item()),
-                       group["lr"], group["betas"], group["omegas"], group["beta2"], group["eps"],
-                       group["weight_decay"])
-                state["step"] += 1
-        return loss
+    def _validate(self, hyper: dict[str, Any]) -> None:
+        _check(hyper)
+
+    def _rule(self, group: dict[str, Any]) -> Rule:
+        return Rule(group["flavour"], momentum_names(len(group["betas"])), group["betas"], group["omegas"],
+                    group["beta2"])
