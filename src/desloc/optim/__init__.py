@@ -95,7 +95,7 @@ class InnerConfig:
         if self.name == "sgdm" and self.momentum == 0:
             return {}  # plain SGD keeps no momentum buffer
         if self.name.startswith("mtdao"):
-            return {name: StateRole.parse(role) for name, role in mtdao_state_roles(len(self.mt_betas)).items()}
+            return mtdao_state_roles(len(self.mt_betas))
         return dict(INNER_OPTIMIZERS[self.name])
 
 

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from desloc.errors import ConfigError
+from desloc.optim.roles import StateRole
 from desloc.optim.elementwise import (
     ElementwiseOptimizer, Rule, adam_flavour_step, adopt_flavour_step, check_decay, check_lr_eps_wd,
 )
@@ -78,10 +79,10 @@ def momentum_names(num_momenta: int) -> tuple[str, ...]:
     return tuple(f"exp_avg_{j}" for j in range(num_momenta))
 
 
-def state_roles(num_momenta: int) -> dict[str, str]:
-    """State name -> role for an MT-DAO with ``num_momenta`` first momenta."""
-    roles = {name: f"u{j}" for j, name in enumerate(momentum_names(num_momenta))}
-    roles["exp_avg_sq"] = "v"
+def state_roles(num_momenta: int) -> dict[str, StateRole]:
+    """State name -> role for an MT-DAO with ``num_momenta`` first momenta (u^j is ``u<j>``)."""
+    roles = {name: StateRole(1, j) for j, name in enumerate(momentum_names(num_momenta))}
+    roles["exp_avg_sq"] = StateRole(2)
     return roles
 
 
