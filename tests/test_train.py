@@ -84,11 +84,11 @@ def test_gloo_processes_match_simulator_bitwise(sim_run, tmp_path, env):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "gloo"
     # No lockstep between syncs: the loop itself communicates only at logging steps (one float64
-    # all-reduce of loss, grad norm, param norm, [val loss,] non-finite and stop flags: 5 or 6
-    # values) and at checkpoints (one flag). SMALL logs at 2, 4, .., 12 (evals at 6, 12) and
-    # checkpoints at 5, 10, 12: 4 * 40 + 2 * 48 + 3 * 8 = 280 bytes. Metrics every step: > 376.
+    # all-reduce of loss, grad norm, active share, param norm, [val loss,] non-finite and stop
+    # flags: 6 or 7 values) and at checkpoints (one flag). SMALL logs at 2, 4, .., 12 (evals at 6,
+    # 12) and checkpoints at 5, 10, 12: 4 * 48 + 2 * 56 + 3 * 8 = 328 bytes. Every step: > 376.
     ledger = RunDir(out).load_checkpoint(0)["optimizer"]["desloc"]["ledger"]
-    assert ledger["observer_bytes_by_tag"] == {"metrics": 280}
+    assert ledger["observer_bytes_by_tag"] == {"metrics": 328}
 
 
 def test_resume_mid_period_is_bitwise(sim_run, tmp_path, env):

@@ -42,6 +42,10 @@ def _int_list(text: str) -> list[int | None]:
     return [_period(t) for t in text.split(",") if t.strip()]
 
 
+def _local_steps(text: str) -> list[int | None] | str:
+    return "auto" if text.strip().lower() == "auto" else _int_list(text)
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",") if t.strip()]
@@ -109,7 +113,8 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--outer-lr",), dict(type=float, help="outer learning rate (DiLoCo 0.7)"), ("method", "outer_lr")),
     (("--outer-momentum",), dict(type=float, help="outer momentum (DiLoCo 0.9)"), ("method", "outer_momentum")),
     (("--topology",), dict(help="gasloc gossip graph: one-peer | two-peer | ring | complete | none"), ("method", "topology")),
-    (("--local-steps",), dict(type=_int_list, help="gasloc per-worker local steps H_i, e.g. 32,32,32,8"), ("method", "local_steps")),
+    (("--local-steps",), dict(type=_local_steps, help="gasloc per-worker local steps H_i, e.g. 32,32,32,8, or "
+                                                        "auto (from the time model)"), ("method", "local_steps")),
     (("--gossip-seed",), dict(type=int, help="gasloc random-matching seed"), ("method", "gossip_seed")),
     (("--momentum-periods",), dict(type=_int_list, help="MT-DAO K_j per first momentum, e.g. 32,96"), ("method", "momentum_periods")),
     (("--inner",), dict(help="inner optimizer: adamw | sgdm | adopt | mtdao | mtdao-adam"), ("inner", "name")),
@@ -140,6 +145,18 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--seed",), dict(type=int), ("seed",)),
     (("--backend",), dict(help="auto (torchrun -> gloo/nccl, else sim) | sim | gloo | nccl"), ("backend",)),
     (("--device",), dict(help="auto | cpu | cuda"), ("device",)),
+    (("--network",), dict(help="network profile of the time model: datacenter | ethernet | cross-region | home "
+                               "| free"), ("time", "network")),
+    (("--worker-speeds",), dict(type=_float_list, help="compute speed factor per worker, e.g. 1,1,1,0.25"),
+     ("time", "worker_speeds")),
+    (("--link-speeds",), dict(type=_float_list, help="bandwidth factor of each worker's link, e.g. 1,1,1,0.1"),
+     ("time", "link_speeds")),
+    (("--step-time",), dict(type=float, help="modeled seconds per local step (default: 6 N D / (peak * MFU))"),
+     ("time", "step_time_s")),
+    (("--peak-tflops",), dict(type=float, help="accelerator peak for the FLOP-based step time (default 312)"),
+     ("time", "peak_tflops")),
+    (("--mfu",), dict(type=float, help="model FLOP utilisation for the FLOP-based step time (default 0.4)"),
+     ("time", "mfu")),
 ]
 
 
@@ -365,9 +382,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("method", "workers", "steps", "tokens", "final_val_loss", "final_val_ppl", "bytes_sent",
-                "ratio_vs_ddp", "wall_time_s")
+                "ratio_vs_ddp", "wall_time_s", "network", "modeled_time_s", "speedup_vs_ddp_modeled")
         print(dumps({k: summary[k] for k in keys}, indent=2))
-        print(f"records: {out}/ (config.json, metrics.jsonl, summary.json, loss.png, loss_vs_bytes.png)",
+        print(f"records: {out}/ (config.json, metrics.jsonl, summary.json, loss.png, loss_vs_bytes.png, "
+              "loss_vs_time.png)",
               file=sys.stderr)
     return 0
 
@@ -422,6 +440,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if preset.inner == "mtdao":
             # the MT-DAO inner optimizer of the same flavour as the others' (ADOPT or Adam)
             d["inner"]["name"] = _mtdao_inner(d["inner"]["name"], explicit=True)
+        if not preset.gossips:
+            d["method"]["local_steps"] = None  # per-worker local steps are gasloc's alone
         if preset.state_periods != "tunable" or not d["inner"]["name"].startswith("mtdao"):
             d["method"]["momentum_periods"] = None  # only MT-DAO momenta have periods of their own
         from desloc.train import TrainConfig
@@ -483,6 +503,68 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_wallclock(sub: argparse._SubParsersAction) -> None:
+    from desloc.wallclock import METHODS, PAPER_MODELS, PAPER_PERIODS, add_network_and_compute_flags
+
+    p = sub.add_parser("wallclock", help="modeled time per step and speedup vs DDP of every all-reduce method",
+                       description="A model, not a measurement: compute (6 N D) + ring all-reduce per synced "
+                       f"tensor for {', '.join(METHODS)}. The defaults reproduce the DES-LOC paper's setting "
+                       "(1.3x-2.1x over DDP) with every assumption printed.")
+    p.add_argument("--models", default=",".join(PAPER_MODELS), help="model sizes, e.g. 1b,7b,13b or 350m,1.3b")
+    p.add_argument("--profiles", default=None,
+                   help="network profiles, comma-separated: datacenter (default), ethernet, cross-region, home, free")
+    p.add_argument("--kx", type=int, default=PAPER_PERIODS[0], help="K_x (also local-adam's K, diloco's H)")
+    p.add_argument("--ku", type=int, default=PAPER_PERIODS[1], help="K_u (desloc)")
+    p.add_argument("--kv", type=int, default=PAPER_PERIODS[2], help="K_v (desloc, mtdao)")
+    p.add_argument("--momentum-periods", type=_int_list, default=None, help="mtdao K_j per momentum (default K_u,K_u)")
+    p.add_argument("--steps", type=int, default=15360, help="run length for the total time (default 15360)")
+    add_network_and_compute_flags(p)
+    p.set_defaults(func=_cmd_wallclock)
+
+
+def _cmd_wallclock(args: argparse.Namespace) -> int:
+    from desloc.wallclock import compute_from_args, format_wallclock, parse_size, profiles_from_args, wallclock_record
+
+    models = {m.strip().lower(): parse_size(m) for m in args.models.split(",") if m.strip()}
+    if not models:
+        raise ConfigError(f"--models lists nothing, got {args.models!r}; e.g. --models 1b,7b,13b")
+    record = wallclock_record(models, profiles_from_args(args.profiles, args), compute_from_args(args),
+                              (args.kx, args.ku, args.kv), args.steps, args.momentum_periods)
+    print(json.dumps(record, indent=2, allow_nan=False) if args.json else format_wallclock(record))
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from desloc.wallclock import add_network_and_compute_flags
+
+    p = sub.add_parser("plan", help="choose K_x, K_u, K_v from the betas' half-lives and a communication target",
+                       description="Half-lives of the betas and recommended sync periods for a model size, "
+                       "network and target communication overhead (a model; the rule is printed).")
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--mt-betas", type=_float_list, default=None, help="MT-DAO momentum decays, e.g. 0.9,0.99")
+    p.add_argument("--model", default=None, help="model size, e.g. 125m, 1.3b, 7b (default 7b)")
+    p.add_argument("--params", type=float, default=None, help="parameter count instead of --model, e.g. 7e9")
+    p.add_argument("--profile", default=None, help="network profile (default datacenter)")
+    p.add_argument("--target-overhead", type=float, default=0.1,
+                   help="communication at most this fraction of compute time (default 0.1)")
+    add_network_and_compute_flags(p)
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from desloc.wallclock import compute_from_args, format_plan, model_params, plan, profiles_from_args
+
+    params = model_params(args.model, args.params)
+    nets = profiles_from_args(args.profile, args)
+    if len(nets) > 1:
+        raise ConfigError("plan takes one network: --profile NAME or --bandwidth-gbps X --latency-ms Y, not both")
+    result = plan(args.beta1, args.beta2, params, nets[0], args.target_overhead, compute_from_args(args),
+                  args.mt_betas)
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else format_plan(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="desloc", description="Low-communication distributed training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -490,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_sample(sub)
     _add_toy(sub)
+    _add_wallclock(sub)
+    _add_plan(sub)
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=_cmd_methods)
     return parser

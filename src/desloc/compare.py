@@ -4,8 +4,9 @@ Each (method, seed) is an ordinary training run in ``<out>/<method>-s<seed>/``. 
 command reuses a finished run and resumes an interrupted one, but only when the run's resolved
 config equals the requested one; a run made with other settings is an error (never reported as
 if it were the requested one) unless ``overwrite`` reruns it. The aggregate goes to
-``compare.json`` (every run's summary, plus mean and spread per method), ``compare.md`` (a table)
-and ``compare.png`` (validation loss vs step and vs bytes sent, mean over seeds). This is the
+``compare.json`` (every run's summary, plus mean and spread per method), ``compare.md`` (a table,
+with modeled time and speedup vs DDP under ``--network``) and ``compare.png`` (validation loss vs
+step, vs bytes sent and vs modeled time, mean over seeds). This is the
 analogue of the DES-LOC paper's Figure 4.
 """
 
@@ -41,22 +42,32 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "ratio_vs_ddp": summaries[0]["ratio_vs_ddp"],
             "tokens": summaries[0]["tokens"],
             "wall_time_s_mean": wall_m,
+            "modeled_time_s_mean": _mean_std([s.get("modeled_time_s") or 0.0 for s in summaries])[0],
+            "speedup_vs_ddp_modeled": summaries[0].get("speedup_vs_ddp_modeled"),
+            "network": summaries[0].get("network"),
             "periods": summaries[0]["periods"],
         }
     return table
 
 
+def _num(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.4g}{unit}"
+
+
 def markdown_table(table: dict[str, Any], reference: str | None = None) -> str:
     ref = table.get(reference) if reference else None
-    lines = ["| method | periods (x, u, v) | final val loss (mean ± std) | val ppl | vs ref | bytes sent / worker | ratio vs DDP | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | periods (x, u, v) | final val loss (mean ± std) | val ppl | vs ref | bytes sent / worker "
+             "| ratio vs DDP | modeled time (s) | modeled speedup vs DDP | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in table.items():
         p = r["periods"]
         periods = "every step" if name == "ddp" else f"{p['x']}, {p['u'] or '-'}, {p['v'] or '-'}"
         rel = (f"{100 * (r['final_val_loss_mean'] / ref['final_val_loss_mean'] - 1):+.2f}%" if ref else "")
         ratio = "1x" if name == "ddp" else f"{r['ratio_vs_ddp']:.2f}x"
         lines.append(f"| {name} | {periods} | {r['final_val_loss_mean']:.4f} ± {r['final_val_loss_std']:.4f} | "
-                     f"{r['final_val_ppl_mean']:.2f} | {rel} | {r['bytes_sent']:,} | {ratio} | {r['wall_time_s_mean']:.0f} |")
+                     f"{r['final_val_ppl_mean']:.2f} | {rel} | {r['bytes_sent']:,} | {ratio} | "
+                     f"{_num(r.get('modeled_time_s_mean'))} | {_num(r.get('speedup_vs_ddp_modeled'), 'x')} | "
+                     f"{r['wall_time_s_mean']:.0f} |")
     return "\n".join(lines)
 
 
@@ -66,7 +77,7 @@ def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.2))
     for method, seed_rows in curves.items():
         evals = [[r for r in rows if r.get("val_loss") is not None] for rows in seed_rows]
         n = min(len(e) for e in evals)
@@ -77,10 +88,14 @@ def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title
         sent = [max(evals[0][i]["bytes_sent"], 1) for i in range(n)]
         (line,) = a1.plot(steps, loss, "o-", ms=2.5, label=method)
         a2.plot(sent, loss, "o-", ms=2.5, color=line.get_color(), label=method)
+        if all(evals[0][i].get("modeled_time_s") is not None for i in range(n)):
+            a3.plot([evals[0][i]["modeled_time_s"] for i in range(n)], loss, "o-", ms=2.5,
+                    color=line.get_color(), label=method)
     a1.set_xlabel("step")
     a2.set_xlabel("bytes sent per worker (log)")
     a2.set_xscale("log")
-    for ax in (a1, a2):
+    a3.set_xlabel("modeled time (s)")
+    for ax in (a1, a2, a3):
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

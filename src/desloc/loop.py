@@ -12,6 +12,7 @@ the current step; under torchrun at the next logging or checkpoint step, the sam
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from desloc.algorithms import build_method
+from desloc.timing import TimeModel, VirtualClock, auto_local_steps
 from desloc.data import Corpus, WorkerStreams
 from desloc.errors import CheckpointMismatchError, DivergenceError, Interrupted
 from desloc.model import GPT
@@ -73,6 +75,8 @@ class Session:
     opt: Any  # SyncedOptimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     n_params: int
+    time_model: TimeModel
+    clock: VirtualClock
 
     @property
     def device_type(self) -> str:
@@ -97,12 +101,21 @@ def build(cfg, run: RunDir, backend: str, device: str, comm) -> Session:
     streams = WorkerStreams(corpus, cfg.data, cfg.workers, cfg.context, cfg.batch_size, cfg.seed)
     val_batches = streams.val_batches(cfg.eval_batches)  # both check the text's size: before allocating
     model = GPT(cfg.model_config(corpus.vocab_size)).to(device)  # same seed -> same init everywhere
+    n_params = sum(p.numel() for p in model.parameters())
+    time_model = cfg.time.model(cfg.workers, n_params, cfg.batch_size * cfg.context)
+    method = cfg.method
+    if method.local_steps == "auto":  # GASLoC: each worker's H_i from the time model
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        method = dataclasses.replace(method, local_steps=auto_local_steps(time_model, method.period_x,
+                                                                          param_bytes, method.topology))
     workers = SimWorkers(model, cfg.workers) if comm is None else ProcessWorkers(model, comm)
     inner = cfg.inner.build(workers.parameters())
-    opt = build_method(cfg.method, inner, workers.comm, cfg.inner.state_roles())
+    opt = build_method(method, inner, workers.comm, cfg.inner.state_roles())
+    clock = VirtualClock(time_model)
+    workers.comm.add_listener(clock)  # the clock hears every call the ledger counts
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    return Session(cfg, run, backend, device, corpus, streams, val_batches, workers, opt, sched,
-                   sum(p.numel() for p in model.parameters()))
+    return Session(cfg, run, backend, device, corpus, streams, val_batches, workers, opt, sched, n_params,
+                   time_model, clock)
 
 
 def _prepare_corpus(cfg, comm) -> Corpus:
@@ -129,6 +142,8 @@ def restore(s: Session, start_step: int | None) -> tuple[int, float]:
     s.workers.load_model_state(ckpt["model"])
     s.opt.load_state_dict(ckpt["optimizer"])
     s.sched.load_state_dict(ckpt["scheduler"])
+    if "clock" in ckpt:
+        s.clock.load_state_dict(ckpt["clock"])
     if s.workers.is_main:
         s.run.truncate_metrics(ckpt["step"])
     return ckpt["step"], ckpt["elapsed_s"]
@@ -136,7 +151,8 @@ def restore(s: Session, start_step: int | None) -> tuple[int, float]:
 
 def checkpoint(s: Session, step: int, elapsed: float) -> None:
     state = {"step": step, "elapsed_s": elapsed, "data_fingerprint": s.corpus.fingerprint,
-             "model": s.workers.model_state(), "optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict()}
+             "model": s.workers.model_state(), "optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(),
+             "clock": s.clock.state_dict()}
     s.run.save_checkpoint(step, s.rank, state)
     if s.backend != "sim":
         s.workers.comm.barrier()
@@ -151,9 +167,13 @@ class Health:
     def __init__(self) -> None:
         self.first_bad: torch.Tensor | None = None
 
-    def observe(self, losses: torch.Tensor, step: int) -> None:
+    def observe(self, losses: torch.Tensor, step: int, active: list[bool]) -> None:
         if self.first_bad is None:
             self.first_bad = torch.zeros((), dtype=torch.int64, device=losses.device)
+        if not any(active):
+            return
+        if not all(active):
+            losses = losses[torch.tensor(active, device=losses.device)]
         bad = ~torch.isfinite(losses).all()
         self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
 
@@ -183,11 +203,13 @@ def diverged(s: Session, step: int, what: str, last_ckpt: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- log
-def log_row(s: Session, done: int, stats, lr: float, val: list[float] | None, health: Health,
-            stop: StopOnSignal, elapsed: float) -> tuple[dict[str, Any], dict[str, float]]:
-    """The metrics row of step ``done`` and the agreed control values, from one averaging."""
-    columns = {"train_loss": stats.losses.tolist(), "grad_norm": stats.grad_norms,
-               "param_norm": s.workers.param_norms()}
+def log_row(s: Session, done: int, stats, active: list[bool], lr: float, val: list[float] | None,
+            health: Health, stop: StopOnSignal, elapsed: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """The metrics row of step ``done`` and the agreed control values, from one averaging.
+    Training loss and gradient norm are means over the workers that computed this step."""
+    columns = {"train_loss": [v if a else 0.0 for v, a in zip(stats.losses.tolist(), active)],
+               "grad_norm": [v if a else 0.0 for v, a in zip(stats.grad_norms, active)],
+               "active": [float(a) for a in active], "param_norm": s.workers.param_norms()}
     if val is not None:
         columns["val_loss"] = val
     bad = health.first_bad_step()
@@ -195,9 +217,13 @@ def log_row(s: Session, done: int, stats, lr: float, val: list[float] | None, he
     columns["stop"] = [float(stop.signum or 0)]
     mean = s.workers.mean_over_workers(columns)
     summary = s.opt.comm_summary()
-    row = {"step": done, "train_loss": mean["train_loss"], "val_loss": mean.get("val_loss"), "lr": lr,
-           "grad_norm": mean["grad_norm"], "param_norm": mean["param_norm"], "tokens": done * s.tokens_per_step,
-           "bytes_sent": summary["bytes_sent"], "bytes_by_state": summary["bytes_by_state"], "elapsed_s": elapsed}
+    share = mean["active"]  # of the workers that computed this step (1.0: all of them)
+    row = {"step": done, "train_loss": mean["train_loss"] / share if share else None,
+           "val_loss": mean.get("val_loss"), "lr": lr,
+           "grad_norm": mean["grad_norm"] / share if share else None, "param_norm": mean["param_norm"],
+           "tokens": done * s.tokens_per_step, "bytes_sent": summary["bytes_sent"],
+           "bytes_by_state": summary["bytes_by_state"], "elapsed_s": elapsed,
+           "modeled_time_s": s.clock.now}
     return row, {"nonfinite": mean["nonfinite"], "first_bad": bad or done, "stop": mean["stop"]}
 
 
@@ -212,9 +238,24 @@ def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> d
         "ddp_equivalent_bytes": comm["ddp_equivalent_bytes"], "ratio_vs_ddp": comm["ratio_vs_ddp"],
         "wall_time_s": elapsed, "tokens_per_s": steps * s.tokens_per_step / max(elapsed, 1e-9),
         "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
+        **time_summary(s, steps),
         **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
         "seed": cfg.seed,
     }
+
+
+def time_summary(s: Session, steps: int) -> dict[str, Any]:
+    """Modeled time of the run so far, the compute-only floor, and DDP's time under the same model."""
+    param_bytes = sum(s.workers.comm.payload_bytes(p) for p in s.opt.params)
+    ddp = steps * s.time_model.ddp_step_time(param_bytes)
+    modeled = s.clock.now
+    out = {"network": s.time_model.network.name, "step_time_s": s.time_model.step_time_s,
+           "worker_speeds": s.time_model.worker_speeds, "link_speeds": s.time_model.link_speeds,
+           "modeled_time_s": modeled, "compute_only_time_s": s.clock.compute_only,
+           "ddp_modeled_time_s": ddp, "speedup_vs_ddp_modeled": ddp / modeled if modeled > 0 else None}
+    if getattr(s.opt, "local_steps", None) is not None:
+        out["local_steps"] = list(s.opt.local_steps)
+    return out
 
 
 def human_bytes(n: float) -> str:
@@ -243,16 +284,20 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
         done = step + 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         is_log = done % cfg.log_every == 0 or is_eval
+        sitting_out = s.opt.sitting_out()  # GASLoC's idle workers compute nothing this step
+        active = [m not in sitting_out for m in workers.local_workers]
         batches = [s.streams.batch(m, step) for m in workers.local_workers]
-        stats = workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=step, measure=is_log)
-        health.observe(stats.losses, done)
+        stats = workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=step, measure=is_log,
+                                         idle=sitting_out)
+        health.observe(stats.losses, done, active)
+        s.clock.local_step([w for w in range(cfg.workers) if w not in sitting_out])
         lr = s.sched.get_last_lr()[0]
         s.opt.step()
         s.sched.step()
         if is_log:
             val = workers.evaluate(s.val_batches, s.device_type, cfg.bf16) if is_eval else None
             elapsed = elapsed_before + time.perf_counter() - t0
-            row, agreed = log_row(s, done, stats, lr, val, health, stop, elapsed)
+            row, agreed = log_row(s, done, stats, active, lr, val, health, stop, elapsed)
             if agreed["nonfinite"] > 0:
                 diverged(s, agreed["first_bad"], "the training loss is not finite", last_ckpt)
             if is_eval:

@@ -3,7 +3,7 @@
     <run>/config.json       resolved configuration
     <run>/metrics.jsonl     one JSON object per logged step
     <run>/summary.json      final numbers (``status``: complete | diverged)
-    <run>/loss.png, loss_vs_bytes.png
+    <run>/loss.png, loss_vs_bytes.png, loss_vs_time.png (validation loss vs modeled time)
     <run>/checkpoints/step-<t>/rank<r>.pt      (+ rank<r>.sha256: checksum and size)
     <run>/checkpoints/latest.json              the newest complete checkpoint
     <run>/.lock                                held (flock) by the process writing the run
@@ -42,7 +42,8 @@ import torch
 from desloc.errors import RunDirError
 
 # What desloc itself writes into a run directory (``--overwrite`` removes only these).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "loss_vs_bytes.png", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "loss_vs_bytes.png", "loss_vs_time.png",
+             "checkpoints")
 LOCK_FILE = ".lock"
 
 
@@ -352,7 +353,7 @@ class RunDir:
 
 
 def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """loss.png (train and validation loss vs step) and loss_vs_bytes.png."""
+    """loss.png (train and validation loss vs step), loss_vs_bytes.png and loss_vs_time.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,7 +364,8 @@ def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     steps = [r["step"] for r in rows]
     val = [(r["step"], r["val_loss"], r["bytes_sent"]) for r in rows if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["train_loss"] for r in rows], lw=0.8, alpha=0.6, label="train (mean over workers)")
+    train = [math.nan if r.get("train_loss") is None else r["train_loss"] for r in rows]
+    ax.plot(steps, train, lw=0.8, alpha=0.6, label="train (mean over workers)")
     if val:
         ax.plot([v[0] for v in val], [v[1] for v in val], "o-", ms=3, label="validation")
     ax.set_xlabel("step")
@@ -374,6 +376,18 @@ def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path / "loss.png", dpi=110)
     plt.close(fig)
+    timed = [(r["modeled_time_s"], r["val_loss"]) for r in rows
+             if r.get("val_loss") is not None and r.get("modeled_time_s") is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([t for t, _ in timed], [v for _, v in timed], "o-", ms=3)
+        ax.set_xlabel("modeled time (s)")
+        ax.set_ylabel("validation loss")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path / "loss_vs_time.png", dpi=110)
+        plt.close(fig)
     if val:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([max(v[2], 1) for v in val], [v[1] for v in val], "o-", ms=3)

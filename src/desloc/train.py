@@ -26,6 +26,7 @@ from desloc.errors import (CheckpointMismatchError, ConfigError, RunComplete,
 from desloc.model import GPT, GPTConfig
 from desloc.optim import InnerConfig
 from desloc.records import RunDir, config_diff
+from desloc.timing import TimeConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 BACKENDS = ("auto", "sim", "gloo", "nccl")
@@ -54,6 +55,7 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 0
     backend: str = "auto"
+    time: TimeConfig = field(default_factory=TimeConfig)  # how time is modeled (desloc.timing)
     bf16: bool = False
     device: str = "auto"
 
@@ -101,6 +103,12 @@ class TrainConfig:
             except (RuntimeError, TypeError):
                 raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
         self._check_method_inner()
+        for name in ("worker_speeds", "link_speeds"):
+            values = getattr(self.time, name)
+            if values is not None and len(values) != self.workers:
+                raise ConfigError(f"--{name.replace('_', '-')} needs one factor per worker ({self.workers}), got "
+                                  f"{len(values)}: {values}; e.g. --{name.replace('_', '-')} "
+                                  + ",".join(["1"] * (self.workers - 1) + ["0.25"]))
 
     def _check_method_inner(self) -> None:
         """The method and the inner optimizer must fit together (else a flag is silently ignored)."""
@@ -152,7 +160,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown train config field(s) {unknown}; fields are {sorted(known)}")
         return cls(method=MethodConfig(**d.pop("method", {})), inner=InnerConfig(**d.pop("inner", {})),
-                   data=DataConfig(**d.pop("data", {})), **d)
+                   data=DataConfig(**d.pop("data", {})), time=TimeConfig(**d.pop("time", {})), **d)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

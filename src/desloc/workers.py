@@ -16,7 +16,8 @@ with no RNG state to checkpoint. The global RNG outside is left as it was.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,8 @@ def _autocast(device: str, bf16: bool):
 @dataclass
 class StepStats:
     """One step's local results: each local worker's loss (a tensor, not yet read: reading it
-    would wait for the device) and, on measured steps, each local worker's gradient norm."""
+    would wait for the device; NaN for a worker that sat out) and, on measured steps, each local
+    worker's gradient norm."""
 
     losses: torch.Tensor
     grad_norms: list[float] | None = None
@@ -101,11 +103,15 @@ class SimWorkers:
         return self.replicas[worker]
 
     def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int,
-                         measure: bool = False) -> StepStats:
-        """Each worker's forward/backward on its batch; random draws from (seed, worker, step)."""
+                         measure: bool = False, idle: Collection[int] = ()) -> StepStats:
+        """Each worker's forward/backward on its batch; random draws from (seed, worker, step).
+        Workers in ``idle`` compute nothing (zero gradients; their loss is NaN, not averaged)."""
         self.replicas.zero_grad()
         losses = []
         for m, (x, y) in zip(self.local_workers, batches):
+            if m in idle:
+                losses.append(torch.full((), math.nan, device=_model_device(self.replicas[m])))
+                continue
             replica = self.replicas[m]
             with worker_rng(seed, m, step, _model_device(replica)):
                 with _autocast(device, bf16):
@@ -171,10 +177,13 @@ class ProcessWorkers:
         return t.tolist()
 
     def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int,
-                         measure: bool = False) -> StepStats:
+                         measure: bool = False, idle: Collection[int] = ()) -> StepStats:
         """This rank's forward/backward; random draws from (seed, rank, step), as the simulator's.
-        Nothing is communicated (metrics are averaged only when logged: :meth:`mean_over_workers`)."""
+        Nothing is communicated (metrics are averaged only when logged: :meth:`mean_over_workers`).
+        An idle rank (in ``idle``) computes nothing."""
         self.net.zero_grad(set_to_none=True)
+        if self.rank in idle:
+            return StepStats(torch.full((1,), math.nan, device=_model_device(self.net)), [math.nan] if measure else None)
         (x, y), = batches
         with worker_rng(seed, self.rank, step, _model_device(self.net)):
             with _autocast(device, bf16):

@@ -99,7 +99,8 @@ class MethodConfig:
         "nesterov"; desloc and local-adam accept it too (the paper's "DES-LOC + Nesterov").
     outer_lr, outer_momentum: the outer SGD's learning rate and momentum (DiLoCo: 0.7, 0.9).
     topology: gasloc's gossip graph: one-peer | two-peer | ring | complete | none.
-    local_steps: gasloc's per-worker local-step counts H_i (<= period_x = H); None = all H.
+    local_steps: gasloc's per-worker local-step counts H_i (<= period_x = H); None = all H;
+        "auto" = from the time model (:func:`desloc.timing.auto_local_steps`).
     gossip_seed: seed of gasloc's random matchings (identical on every worker).
     momentum_periods: K_j for each first momentum u^j of an MT-DAO inner optimizer (mtdao,
         desloc); None = every momentum on period_u.
@@ -114,7 +115,7 @@ class MethodConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     topology: str = "one-peer"
-    local_steps: list[int] | None = None
+    local_steps: list[int] | str | None = None
     gossip_seed: int = 0
     momentum_periods: list[int | None] | None = None
 
@@ -146,7 +147,10 @@ class MethodConfig:
 
         if self.topology not in TOPOLOGIES:
             raise ConfigError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
-        if self.local_steps is not None:
+        if self.local_steps == AUTO:
+            if not preset.gossips:
+                raise ConfigError(f"local_steps='auto' sizes gasloc's per-worker local steps; {self.name} has none")
+        elif self.local_steps is not None:
             self.local_steps = list(self.local_steps)
             if any(isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= self.period_x
                    for h in self.local_steps):

@@ -158,7 +158,10 @@ class SyncedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._before_local_step()
-        self.inner.step()
+        if self._skips_inner_step():
+            self._advance_counters()
+        else:
+            self.inner.step()
         self.global_step += 1
         self._after_local_step()
         return loss
@@ -241,8 +244,32 @@ class SyncedOptimizer(torch.optim.Optimizer):
             if p.grad is not None:
                 p.grad.clamp_(-self.clip_rho, self.clip_rho)
 
+    def sitting_out(self) -> list[int]:
+        """All workers (not only this process's) that sit out the coming step: they compute no
+        forward, backward or inner step (GASLoC's H_i < H). None by default."""
+        return []
+
     def idle_workers(self) -> list[int]:
-        """This process's workers that sit out the coming step (GASLoC's H_i < H); none by default."""
+        """This process's workers among :meth:`sitting_out`."""
+        out = set(self.sitting_out())
+        return [w for w in self.comm.local_workers if w in out]
+
+    def _skips_inner_step(self) -> bool:
+        """True when every worker of this process sits out: the inner step is skipped."""
+        local = self.comm.local_workers
+        return bool(local) and len(self.idle_workers()) == len(local)
+
+    def _advance_counters(self) -> None:
+        """What a skipped inner step still does: advance scalar counters (Adam's ``step``), so an
+        idle worker's bias correction matches a worker whose step was run and undone."""
+        declared = set(self._declared_state_names())
+        for p in self.params:
+            for name, value in self.inner.state[p].items():
+                if torch.is_tensor(value) and value.dim() == 0 and name not in declared:
+                    value += 1
+
+    def _declared_state_names(self) -> list[str]:
+        """The per-coordinate states the method knows by name (overridden by the methods)."""
         return []
 
     def expected_bytes(self, steps: int) -> int:

@@ -27,7 +27,10 @@ Symbols -> arguments: H -> ``period``; H_i -> ``local_steps[i]``; eta, mu -> ``o
 ``outer_momentum``; W -> ``topology`` (+ ``seed`` for the random ones).
 Communication per round and worker: deg_i model-sized tensors (one-peer: 1, two-peer and ring:
 2, complete: one all-reduce), counted per link in ``ledger.bytes_by_link``.
-Idle steps still advance scalar counters such as Adam's ``step`` (in both engines alike).
+Idle steps cost nothing: the training loop runs no forward or backward for a worker that sits
+out (:meth:`sitting_out`), and a process whose workers all sit out skips the inner step too.
+Scalar counters such as Adam's ``step`` still advance (in both engines alike), so a worker that
+sat out matches one whose step was computed and undone, bit for bit.
 
 The inner states an idle worker keeps untouched are named by ``state_names`` (``build_method``
 passes the inner optimizer's declared state roles, e.g. ``exp_avg``, ``exp_avg_sq``), never
@@ -102,10 +105,13 @@ class GasLoc(SyncedOptimizer):
         self.outer.add(params)
 
     # ----------------------------------------------------------- idle workers
-    def idle_workers(self) -> list[int]:
-        """This process's workers that sit out the coming step of the round (position >= H_i)."""
+    def sitting_out(self) -> list[int]:
+        """Workers that sit out the coming step of the round (its position >= H_i)."""
         pos = self.global_step % self.period  # 0-based position of the coming step
-        return [w for w in self.comm.local_workers if pos >= self.local_steps[w]]
+        return [w for w in range(self.comm.world_size) if pos >= self.local_steps[w]]
+
+    def _declared_state_names(self) -> list[str]:
+        return self.state_names
 
     def _tensors(self) -> list[torch.Tensor]:
         """Parameters and their declared per-coordinate states (what an idle worker keeps)."""
@@ -117,6 +123,8 @@ class GasLoc(SyncedOptimizer):
 
     def _before_local_step(self) -> None:
         self._clip()
+        if self._skips_inner_step():  # nothing here computes: nothing to undo
+            return
         views = [self.comm.worker_view(t, w) for w in self.idle_workers() for t in self._tensors()]
         self._saved = [(v, v.clone()) for v in views]
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from desloc.comm.ledger import CommLedger
+from desloc.comm.ledger import OBSERVER_TAGS, CommLedger
 
 
 def mix_rows(stacked_or_list, row: Sequence[tuple[int, float]]) -> torch.Tensor:
@@ -100,6 +100,16 @@ class Communicator(ABC):
 
     # Ledger bookkeeping, shared by every implementation so that both engines count alike
     # (the definitions are in desloc.comm.ledger).
+    def add_listener(self, listener) -> None:
+        """Tell ``listener`` about every call that moves method data, as the ledger counts it:
+        ``listener.on_all_reduce(nbytes_per_worker, participants)`` and
+        ``listener.on_mix(nbytes_per_worker, links)`` (e.g. :class:`desloc.timing.VirtualClock`).
+        Observer traffic (logged metrics) is not reported."""
+        self.__dict__.setdefault("_listeners", []).append(listener)
+
+    def _method_bytes(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> int:
+        return sum(self.payload_bytes(t) for t, tag in zip(tensors, tags) if tag not in OBSERVER_TAGS)
+
     def _record_all_reduce(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
         """One ``all_reduce_mean`` call: every worker sends each tensor's payload once."""
         if not tensors:
@@ -107,6 +117,10 @@ class Communicator(ABC):
         for tensor, tag in zip(tensors, tags):
             self.ledger.record(tag, self.payload_bytes(tensor))
         self.ledger.record_call(tags)
+        nbytes = self._method_bytes(tensors, tags)
+        if nbytes:
+            for listener in self.__dict__.get("_listeners", []):
+                listener.on_all_reduce(nbytes, list(range(self.world_size)))
 
     def _record_mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
                     neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:
@@ -118,3 +132,7 @@ class Communicator(ABC):
         for tensor, tag in zip(tensors, tags):
             self.ledger.record_links(tag, self.payload_bytes(tensor), links)
         self.ledger.record_call(tags)
+        nbytes = self._method_bytes(tensors, tags)
+        if nbytes and links:
+            for listener in self.__dict__.get("_listeners", []):
+                listener.on_mix(nbytes, links)

@@ -1,0 +1,300 @@
+r"""Time: a compute and network model, and a virtual clock driven by the engine's own events.
+
+Compute. One local step of worker w takes ``c_w = step_time_s / worker_speeds[w]``. The step time
+is given (``step_time_s``, e.g. measured) or derived from FLOPs::
+
+    step_time_s = 6 * params * tokens_per_worker_step / (peak_flops * mfu)
+
+Network (alpha-beta). Worker w's link carries ``B_w = bandwidth * link_speeds[w]`` bytes/s; every
+message pays the latency alpha. A ring all-reduce of a payload of n bytes per worker over the
+participants P (M = |P|) moves 2(M-1)/M n bytes through every link in 2(M-1) latency hops, at
+the pace of the slowest link::
+
+    T_allreduce(n, P) = 2 (M-1) alpha + 2 (M-1)/M * n / min_{w in P} B_w        (0 if M = 1)
+
+A gossip round (``mix``) is point to point: worker w sends its n bytes to each of its d_w
+out-peers over its own link, ``S_w = d_w n / B_w``; worker i's exchange ends when its own sends
+and those of the peers it receives from are through::
+
+    T_gossip,i = alpha + max(S_i, max_{j -> i} S_j)
+
+Clock (:class:`VirtualClock`). Each worker has a clock t_w. A local step adds c_w to the workers
+that compute it (an idle GASLoC worker adds nothing). A blocking collective moves every
+participant to ``max_{w in P} t_w + T_allreduce``; a gossip round moves worker i to
+``max(t_i, max_{j in peers(i)} t_j) + T_gossip,i`` and nobody else. The events are the
+Communicator's own calls (:meth:`desloc.comm.base.Communicator.add_listener`, the same calls the
+ledger counts), so the model and the execution cannot drift apart. Observer traffic (logged
+metrics) costs nothing in the model.
+
+Profiles (per-link bandwidth, one-way latency) -- :data:`PROFILES`::
+
+    datacenter     100 Gb/s    10 us
+    ethernet        10 Gb/s   100 us
+    cross-region     1 Gb/s    30 ms
+    home           100 Mb/s    20 ms
+    free           infinite     0     (communication costs nothing: the compute-only floor)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from desloc.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NetworkProfile:
+    """``bandwidth_bps``: bits per second of one worker's link; ``latency_s``: alpha."""
+
+    name: str
+    bandwidth_bps: float
+    latency_s: float
+
+    def __post_init__(self) -> None:
+        if not (self.bandwidth_bps > 0):
+            raise ConfigError(f"network {self.name!r}: bandwidth must be > 0 bits/s, got {self.bandwidth_bps}; "
+                              "e.g. 10e9 for 10 Gb/s (inf for a free network)")
+        if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
+            raise ConfigError(f"network {self.name!r}: latency must be a finite number of seconds >= 0, got "
+                              f"{self.latency_s}; e.g. 1e-4")
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bandwidth_bps / 8
+
+    def describe(self) -> str:
+        bw = "infinite" if math.isinf(self.bandwidth_bps) else _si(self.bandwidth_bps, "b/s")
+        return f"{self.name}: {bw} per link, {self.latency_s * 1e3:g} ms latency"
+
+
+PROFILES: dict[str, NetworkProfile] = {
+    "datacenter": NetworkProfile("datacenter", 100e9, 10e-6),
+    "ethernet": NetworkProfile("ethernet", 10e9, 100e-6),
+    "cross-region": NetworkProfile("cross-region", 1e9, 30e-3),
+    "home": NetworkProfile("home", 100e6, 20e-3),
+    "free": NetworkProfile("free", math.inf, 0.0),
+}
+
+
+def profile(name: str) -> NetworkProfile:
+    if name not in PROFILES:
+        raise ConfigError(f"unknown network profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def flops_step_time(params: int, tokens_per_worker_step: int, peak_flops: float, mfu: float) -> float:
+    """6 N D / (peak * MFU): seconds of one forward + backward + update on one worker."""
+    if not (peak_flops > 0 and 0 < mfu <= 1):
+        raise ConfigError(f"peak FLOP/s must be > 0 and MFU in (0, 1], got {peak_flops} and {mfu}; e.g. "
+                          "peak 312e12 (A100 bf16) and MFU 0.4")
+    return 6.0 * params * tokens_per_worker_step / (peak_flops * mfu)
+
+
+def _factors(name: str, values: Sequence[float] | None, world_size: int) -> list[float]:
+    if values is None:
+        return [1.0] * world_size
+    values = [float(v) for v in values]
+    if len(values) != world_size:
+        raise ConfigError(f"{name} needs one factor per worker ({world_size}), got {len(values)}: {values}; "
+                          f"e.g. {','.join(['1'] * (world_size - 1) + ['0.25'])}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"{name} factors must be finite numbers > 0, got {values}; 1 = nominal, "
+                          "0.25 = four times slower")
+    return values
+
+
+@dataclass
+class TimeModel:
+    """Compute and network model of M workers. Every input can be overridden."""
+
+    network: NetworkProfile
+    step_time_s: float
+    world_size: int
+    worker_speeds: list[float] | None = None  # compute speed factors (1 nominal, 0.25 = 4x slower)
+    link_speeds: list[float] | None = None  # bandwidth factors of each worker's link
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.step_time_s) and self.step_time_s >= 0):
+            raise ConfigError(f"step time must be a finite number of seconds >= 0, got {self.step_time_s}")
+        self.worker_speeds = _factors("--worker-speeds", self.worker_speeds, self.world_size)
+        self.link_speeds = _factors("--link-speeds", self.link_speeds, self.world_size)
+
+    def compute_time(self, worker: int) -> float:
+        return self.step_time_s / self.worker_speeds[worker]
+
+    def link_bytes_per_s(self, worker: int) -> float:
+        return self.network.bytes_per_s * self.link_speeds[worker]
+
+    def all_reduce_time(self, nbytes: float, participants: Sequence[int]) -> float:
+        m = len(participants)
+        if m <= 1 or nbytes <= 0:
+            return 0.0
+        slowest = min(self.link_bytes_per_s(w) for w in participants)
+        return 2 * (m - 1) * self.network.latency_s + 2 * (m - 1) / m * nbytes / slowest
+
+    def send_time(self, worker: int, nbytes: float, n_peers: int) -> float:
+        """S_w: the time worker w's link needs to push ``n_peers`` copies of ``nbytes``."""
+        return n_peers * nbytes / self.link_bytes_per_s(worker) if n_peers else 0.0
+
+    def gossip_times(self, nbytes: float, links: Sequence[tuple[int, int]]) -> dict[int, float]:
+        """T_gossip,i for every worker that sends or receives in this round."""
+        out_degree: dict[int, int] = {}
+        senders: dict[int, list[int]] = {}
+        for src, dst in links:
+            out_degree[src] = out_degree.get(src, 0) + 1
+            senders.setdefault(dst, []).append(src)
+        send = {w: self.send_time(w, nbytes, d) for w, d in out_degree.items()}
+        workers = set(out_degree) | set(senders)
+        return {i: self.network.latency_s + max([send.get(i, 0.0)] + [send[j] for j in senders.get(i, [])])
+                for i in workers}
+
+    def ddp_step_time(self, nbytes: float) -> float:
+        """One DDP step: everyone waits for the slowest worker, then a full all-reduce."""
+        workers = range(self.world_size)
+        return max(self.compute_time(w) for w in workers) + self.all_reduce_time(nbytes, list(workers))
+
+
+@dataclass
+class TimeConfig:
+    """How a run's time is modeled (``desloc train --network ... --worker-speeds ...``).
+
+    network: a profile name (:data:`PROFILES`).
+    worker_speeds: compute speed factor of each worker (1 nominal, 0.25 = four times slower).
+    link_speeds: bandwidth factor of each worker's link (0.1 = a tenth of the profile's).
+    step_time_s: seconds of one local step at speed 1; None derives it from FLOPs,
+        6 * params * tokens per worker step / (peak_tflops * 1e12 * mfu), so the modeled time
+        does not depend on the machine the run happens to use.
+    peak_tflops, mfu: the accelerator assumed for that (default A100 bf16 dense, 312, at 40%).
+    """
+
+    network: str = "datacenter"
+    worker_speeds: list[float] | None = None
+    link_speeds: list[float] | None = None
+    step_time_s: float | None = None
+    peak_tflops: float = 312.0
+    mfu: float = 0.4
+
+    def __post_init__(self) -> None:
+        profile(self.network)
+        for name in ("worker_speeds", "link_speeds"):
+            values = getattr(self, name)
+            if values is not None:
+                setattr(self, name, _factors(f"--{name.replace('_', '-')}", values, len(values)))
+        if self.step_time_s is not None and not (math.isfinite(self.step_time_s) and self.step_time_s >= 0):
+            raise ConfigError(f"step_time_s must be a finite number of seconds >= 0 or None (from FLOPs), got "
+                              f"{self.step_time_s}; e.g. --step-time 0.25")
+        if not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise ConfigError(f"peak_tflops must be a finite number > 0, got {self.peak_tflops}; e.g. 312 (A100)")
+        if not (math.isfinite(self.mfu) and 0 < self.mfu <= 1):
+            raise ConfigError(f"mfu must be in (0, 1], got {self.mfu}; e.g. 0.4")
+
+    def model(self, world_size: int, params: int, tokens_per_worker_step: int) -> TimeModel:
+        step = self.step_time_s
+        if step is None:
+            step = flops_step_time(params, tokens_per_worker_step, self.peak_tflops * 1e12, self.mfu)
+        return TimeModel(profile(self.network), step, world_size, self.worker_speeds, self.link_speeds)
+
+
+@dataclass
+class VirtualClock:
+    """Per-worker clocks advanced by local steps and by the communicator's events."""
+
+    model: TimeModel
+    time: list[float] = field(default_factory=list)
+    compute: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        m = self.model.world_size
+        self.time = self.time or [0.0] * m
+        self.compute = self.compute or [0.0] * m
+
+    def local_step(self, workers: Sequence[int]) -> None:
+        for w in workers:
+            c = self.model.compute_time(w)
+            self.time[w] += c
+            self.compute[w] += c
+
+    # ---- Communicator listener interface (desloc.comm.base)
+    def on_all_reduce(self, nbytes: int, participants: Sequence[int]) -> None:
+        start = max(self.time[w] for w in participants)
+        end = start + self.model.all_reduce_time(nbytes, participants)
+        for w in participants:
+            self.time[w] = end
+
+    def on_mix(self, nbytes: int, links: Sequence[tuple[int, int]]) -> None:
+        peers: dict[int, set[int]] = {}
+        for src, dst in links:
+            peers.setdefault(src, set()).add(dst)
+            peers.setdefault(dst, set()).add(src)
+        durations = self.model.gossip_times(nbytes, links)
+        before = list(self.time)
+        for i, ps in peers.items():
+            self.time[i] = max([before[i]] + [before[j] for j in ps]) + durations[i]
+
+    @property
+    def now(self) -> float:
+        """When the last worker is done: the run's modeled time so far."""
+        return max(self.time)
+
+    @property
+    def compute_only(self) -> float:
+        """The longest time any worker spent computing (the floor with free communication)."""
+        return max(self.compute)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"time": list(self.time), "compute": list(self.compute)}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.time, self.compute = [float(t) for t in state["time"]], [float(c) for c in state["compute"]]
+
+
+def half_life(beta: float) -> float:
+    """tau_0.5(beta) = ln 0.5 / ln beta: steps for an EMA with decay beta to halve a contribution."""
+    if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
+        raise ConfigError(f"beta must be in [0, 1), got {beta!r}; e.g. 0.9 (half-life 6.58 steps)")
+    return 0.0 if beta == 0 else math.log(0.5) / math.log(beta)
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:g} {prefix}{unit}"
+    return f"{value:g} {unit}"
+
+
+GOSSIP_DEGREE = {"one-peer": 1, "two-peer": 2, "ring": 2, "none": 0}
+
+
+def exchange_time(model: TimeModel, worker: int, nbytes: float, topology: str) -> float:
+    """Worker ``worker``'s own communication per GASLoC round: latency plus its sends
+    (``complete``: one all-reduce of everyone)."""
+    if topology == "complete":
+        return model.all_reduce_time(nbytes, list(range(model.world_size)))
+    degree = GOSSIP_DEGREE[topology]
+    return (model.network.latency_s + model.send_time(worker, nbytes, degree)) if degree else 0.0
+
+
+def auto_local_steps(model: TimeModel, period: int, nbytes: float, topology: str) -> list[int]:
+    """GASLoC's H_i so that no worker makes the others wait (the GASLoC paper's Fig. 3 rule).
+
+    The round of the fastest worker f takes ``R = H c_f + E_f`` (H local steps, then its own
+    exchange E). Worker i does as many steps as fit in the same time after its own exchange::
+
+        H_i = clamp(floor((R - E_i) / c_i), 1, H)
+
+    A slow processor (larger c_i) or a slow link (larger E_i) both lower H_i. E.g. with the
+    exchange of one model taking 5/3 of a step at full bandwidth, a worker whose link has 10% of
+    it gets H_i = 15 of H = 30 with one peer and H_i = 1 with two peers, as in the paper.
+    """
+    workers = range(model.world_size)
+    exchange = [exchange_time(model, w, nbytes, topology) for w in workers]
+    fastest = min(workers, key=lambda w: (model.compute_time(w), exchange[w]))
+    round_time = period * model.compute_time(fastest) + exchange[fastest]
+    out = []
+    for w in workers:
+        c = model.compute_time(w)
+        steps = period if c == 0 else math.floor((round_time - exchange[w]) / c + 1e-9)
+        out.append(int(min(period, max(1, steps))))
+    return out
