@@ -196,3 +196,18 @@ def test_idle_gasloc_workers_compute_nothing_and_engines_agree(tmp_path):
     assert a["modeled_time_s"] == b["modeled_time_s"] and a["compute_only_time_s"] == pytest.approx(0.8)
     # worker 1 computes 1 of every 4 steps: 2 steps x 0.1 s; it waits for worker 0 at each round
     assert a["local_steps"] == [4, 1]
+
+
+def test_state_dynamics_spread_vanishes_exactly_at_each_states_sync(tmp_path):
+    """desloc K_x = 4, K_u = 12, K_v = 24, logged every 4 steps: a state's spread across workers is
+    0 right after its own sync and positive otherwise (DES-LOC Fig. 2's quantities)."""
+    args = [*TINY, "--steps", "24", "--log-every", "4", "--eval-every", "12", "--kx", "4", "--state-dynamics"]
+    assert main(["train", *args, "--out", str(tmp_path / "d")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        d, t = r["state_dynamics"], r["step"]
+        assert d["params"]["spread"] == 0.0  # every logged step is a parameter sync
+        assert (d["exp_avg"]["spread"] == 0.0) == (t % 12 == 0)
+        assert (d["exp_avg_sq"]["spread"] == 0.0) == (t % 24 == 0)
+    assert rows[0]["state_dynamics"]["exp_avg"]["rel_change"] is None
+    assert all(r["state_dynamics"]["exp_avg_sq"]["rel_change"] > 0 for r in rows[1:])

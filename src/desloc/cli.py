@@ -166,6 +166,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model field, e.g. --set n_layer=3 (repeatable)")
     p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bf16 autocast")
+    p.add_argument("--state-dynamics", action="store_true", default=argparse.SUPPRESS,
+                   help="log each state's relative change between logging steps and its spread across workers")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="under torchrun: how long a collective waits for the other workers before the run "
                    "stops with an error (default 600)")
@@ -186,6 +188,8 @@ def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, 
         cfg["inner"]["name"] = _mtdao_inner(cfg["inner"]["name"], explicit=hasattr(args, "inner"))
     if getattr(args, "bf16", False):
         cfg["bf16"] = True
+    if getattr(args, "state_dynamics", False):
+        cfg["state_dynamics"] = True
     for item in getattr(args, "set", []):
         key, sep, value = item.partition("=")
         if not sep:
@@ -657,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointMismatchError, RunDirError, FileNotFoundError) as err:
         print(f"desloc: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:
         from desloc.records import describe_os_error
 

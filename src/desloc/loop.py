@@ -244,6 +244,53 @@ def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> d
     }
 
 
+class StateDynamics:
+    """DES-LOC Fig. 2 as metrics (``--state-dynamics``): for the parameters and every synced state,
+    the relative change since the previous logging step, ||s_t - s_prev|| / ||s_prev||, and the
+    spread across workers, ||s^m - E_m s|| / ||E_m s||, each averaged over workers. The spread needs
+    every worker's tensor, so it is computed in the simulator only (None under torchrun)."""
+
+    def __init__(self, s: Session) -> None:
+        self.names = ["params", *s.cfg.inner.state_roles()]
+        self.previous: dict[str, list[torch.Tensor]] = {}
+
+    def _tensors(self, s: Session, name: str) -> list[torch.Tensor]:
+        return list(s.opt.params) if name == "params" else s.opt.state_tensors(name)
+
+    def measure(self, s: Session) -> dict[str, dict[str, float | None]]:
+        stacked = s.workers.engine == "sim"
+        out = {}
+        for name in self.names:
+            now = [t.detach().float() for t in self._tensors(s, name)]
+            if not now:
+                continue
+            norm = _norms(now, stacked)
+            before = self.previous.get(name)
+            change = None
+            if before is not None and len(before) == len(now):
+                change = (_norms([a - b for a, b in zip(now, before)], stacked) / norm_clamp(_norms(before, stacked)))
+                change = s.workers.mean_over_workers({"c": change.tolist()})["c"]
+            spread = None
+            if stacked:
+                mean = [t.mean(0, keepdim=True) for t in now]
+                spread = (_norms([t - m for t, m in zip(now, mean)], True) / norm_clamp(_norms(mean, True))).mean().item()
+            out[name] = {"rel_change": change, "spread": spread, "norm": s.workers.mean_over_workers(
+                {"n": norm.tolist()})["n"]}
+            self.previous[name] = [t.clone() for t in now]
+        return out
+
+
+def _norms(tensors: list[torch.Tensor], stacked: bool) -> torch.Tensor:
+    """Per-worker L2 norm over a list of tensors ([M] if stacked on dim 0, else [1])."""
+    if stacked:
+        return torch.stack([t.flatten(1).pow(2).sum(1) for t in tensors]).sum(0).sqrt()
+    return torch.stack([t.pow(2).sum() for t in tensors]).sum().sqrt().reshape(1)
+
+
+def norm_clamp(norm: torch.Tensor) -> torch.Tensor:
+    return norm.clamp_min(1e-30)
+
+
 def time_summary(s: Session, steps: int) -> dict[str, Any]:
     """Modeled time of the run so far, the compute-only floor, and DDP's time under the same model."""
     param_bytes = sum(s.workers.comm.payload_bytes(p) for p in s.opt.params)
@@ -279,6 +326,7 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=cfg.method.name, unit="step")
     t0 = time.perf_counter()
     health = Health()
+    dynamics = StateDynamics(s) if cfg.state_dynamics else None
     val_loss, stop_signal, last_ckpt = None, None, start
     for step in range(start, end):
         done = step + 1
@@ -298,6 +346,8 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
             val = workers.evaluate(s.val_batches, s.device_type, cfg.bf16) if is_eval else None
             elapsed = elapsed_before + time.perf_counter() - t0
             row, agreed = log_row(s, done, stats, active, lr, val, health, stop, elapsed)
+            if dynamics is not None:
+                row["state_dynamics"] = dynamics.measure(s)
             if agreed["nonfinite"] > 0:
                 diverged(s, agreed["first_bad"], "the training loss is not finite", last_ckpt)
             if is_eval:

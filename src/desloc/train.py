@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     time: TimeConfig = field(default_factory=TimeConfig)  # how time is modeled (desloc.timing)
+    state_dynamics: bool = False  # log each state's relative change and spread (DES-LOC Fig. 2)
     bf16: bool = False
     device: str = "auto"
 

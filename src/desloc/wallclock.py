@@ -68,7 +68,7 @@ def parse_size(text: str) -> int:
     value = float(m.group(1)) * _SUFFIX.get(m.group(2), 1.0) if m else float("nan")
     if not (math.isfinite(value) and value >= 1):
         raise ConfigError(f"unknown model size {text!r}; give a parameter count such as 125m, 1.3b, 7b or 7e9")
-    return int(round(value))
+    return round(value)
 
 
 def model_params(model: str | None, params: float | None, default: str = "7b") -> int:
@@ -80,7 +80,7 @@ def model_params(model: str | None, params: float | None, default: str = "7b") -
     check_finite("--params", params, "--params 7e9")
     if not params >= 1:
         raise ConfigError(f"--params must be a parameter count >= 1, got {params:g}; e.g. --params 7e9")
-    return int(round(params))
+    return round(params)
 
 
 def _number(x: float) -> float | None:
@@ -245,8 +245,9 @@ def sensitivity(params: int, net: NetworkProfile, compute: Compute, periods: tup
     rows = []
     for name, value in bases.items():
         half, double = (speedup(*_vary(name, f, params, net, compute, periods)) for f in (0.5, 2.0))
+        effect = max(abs(math.log(half / base)), abs(math.log(double / base)))
         rows.append({"assumption": name, "base_value": _number(value), "speedup_if_halved": half,
-                     "speedup_if_doubled": double, "effect": max(abs(math.log(half / base)), abs(math.log(double / base)))})
+                     "speedup_if_doubled": double, "effect": effect})
     rows.sort(key=lambda r: -r["effect"])
     return {"method": method, "model": model, "profile": net.name, "base_speedup": base,
             "ddp_comm_over_compute": ddp_comm_ratio(params, net, compute), "rows": rows,
@@ -293,8 +294,8 @@ def wallclock_record(models: dict[str, int] | None = None, profiles: Sequence[Ne
         "assumptions": {**compute.describe(), **ASSUMED, "periods": dict(zip(("kx", "ku", "kv"), periods)),
                         "momentum_periods": list(momentum_periods) if momentum_periods else [periods[1]] * 2,
                         "steps": steps, "models": models,
-                        "profiles": {n.name: {"bandwidth_gbps": _number(n.bandwidth_bps / 1e9), "latency_ms": n.latency_s * 1e3}
-                                     for n in profiles}},
+                        "profiles": {n.name: {"bandwidth_gbps": _number(n.bandwidth_bps / 1e9),
+                                              "latency_ms": n.latency_s * 1e3} for n in profiles}},
         "paper": {"claimed_speedup": "1.3x-2.1x", "claimed_range": list(PAPER_CLAIM),
                   "setting": "DES-LOC vs DDP, 1B-13B models, 100 Gb/s links, K_x=256, K_u=768, K_v=1536",
                   "source": "Iacob et al., DES-LOC, arXiv 2505.22549 (a model; its inputs were not published)",
@@ -343,7 +344,10 @@ def _show(x: float | None) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:  # the first column left-aligned, numbers right-aligned
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -358,12 +362,13 @@ def format_wallclock(record: dict[str, Any]) -> str:
     k = a["periods"]
     nets = "; ".join(f"{n} {_show(p['bandwidth_gbps'])} Gb/s, {p['latency_ms']:g} ms" for n, p in a["profiles"].items())
     assumptions = [
-        f"periods K_x={k['kx']}, K_u={k['ku']}, K_v={k['kv']} (local-adam, keep/reset-states, diloco: K_x; mtdao "
-        f"momenta: {a['momentum_periods']}); total over {a['steps']} steps; vs ddp = ddp's time per step / the method's",
-        f"workers M={a['workers']}, {a['gpus_per_worker']} GPUs each at {a['peak_tflops']:g} TFLOP/s peak, "
-        f"MFU {a['mfu']:g}",
-        f"global batch {a['batch_tokens']} tokens = {a['batch_tokens'] / a['seq_len']:g} sequences of "
-        f"{a['seq_len']} ({a['tokens_per_worker_step']:g} tokens per worker step)",
+        (f"periods K_x={k['kx']}, K_u={k['ku']}, K_v={k['kv']} (local-adam, keep/reset-states, diloco: K_x; mtdao "
+         f"momenta: {a['momentum_periods']}); total over {a['steps']} steps; vs ddp = ddp's time per step / the "
+         "method's"),
+        (f"workers M={a['workers']}, {a['gpus_per_worker']} GPUs each at {a['peak_tflops']:g} TFLOP/s peak, "
+         f"MFU {a['mfu']:g}"),
+        (f"global batch {a['batch_tokens']} tokens = {a['batch_tokens'] / a['seq_len']:g} sequences of "
+         f"{a['seq_len']} ({a['tokens_per_worker_step']:g} tokens per worker step)"),
         f"{a['bytes_per_param']:g} bytes per parameter on the wire ({a['wire_dtype']}); {a['states']}",
         f"network: {nets}; {a['link']}",
         a["collective"], a["compute"], a["overlap"], f"model sizes: {a['model_sizes']}",
@@ -374,8 +379,8 @@ def format_wallclock(record: dict[str, Any]) -> str:
     return "\n".join([
         _table(header, rows), "", "Assumptions (the paper did not publish its inputs; these are ours):",
         *(f"  - {x}" for x in assumptions), "",
-        f"Sensitivity: {s['method']} vs ddp, {s['model']} on {s['profile']} (base {s['base_speedup']:.2f}x), "
-        "one assumption halved / doubled:",
+        (f"Sensitivity: {s['method']} vs ddp, {s['model']} on {s['profile']} (base {s['base_speedup']:.2f}x), "
+         "one assumption halved / doubled:"),
         _table(["assumption", "base", "halved", "doubled"], sens_rows), "",
         f"Paper: {record['paper']['claimed_speedup']} ({record['paper']['setting']}).", comparison_text(record)])
 
@@ -401,6 +406,30 @@ def _periods(kx: int, taus: Sequence[float], floors: Sequence[int]) -> list[int]
     return [_state_period(kx, t, f) for t, f in zip(taus, floors)]
 
 
+MTDAO_NOTE = ("mtdao: beta1 is unused (its momenta are --mt-betas); ku is DES-LOC's period for beta1, shown for "
+              "comparison and not counted")
+
+
+def _smallest_kx(ratio: float, taus: Sequence[float], floors: Sequence[int]) -> tuple[int, int]:
+    """(K_x for the parameters alone, K_x for the whole schedule), ``ratio`` = T / (target x c).
+
+    The target is T (1/K_x + sum_j 1/K_j) <= target x c. The sum is not monotone in K_x (K_j rounds
+    tau_j up to a multiple of K_x), so K_x is scanned upward from the parameters-only bound
+    ceil(ratio). With every state at its floor the cost is (1 + sum_j 1/floor_j) / K_x, an upper
+    bound, so that K_x always meets the target and ends the scan (as it does after 2e6 candidates,
+    which only extreme targets reach)."""
+    if ratio <= 0:
+        return 1, 1
+    params_only = max(1, math.ceil(ratio - 1e-9))
+    always = max(1, math.ceil((1 + sum(1 / f for f in floors)) * ratio - 1e-9))
+
+    def cost(kx: int) -> float:
+        return 1 / kx + sum(1 / k for k in _periods(kx, taus, floors))
+
+    scan = range(params_only, min(always, params_only + 2_000_000))
+    return params_only, next((k for k in scan if cost(k) <= (1 + 1e-12) / ratio), always)
+
+
 def plan(beta1: float = 0.9, beta2: float = 0.999, params: int = 7_000_000_000,
          net: NetworkProfile = PROFILES["datacenter"], target_overhead: float = 0.1,
          compute: Compute | None = None, mt_betas: Sequence[float] | None = None) -> dict[str, Any]:
@@ -420,20 +449,12 @@ def plan(beta1: float = 0.9, beta2: float = 0.999, params: int = 7_000_000_000,
     mt_taus = [half_life(b) for b in mt_betas or []]
     taus, floors = ([*mt_taus, tau2], [3] * len(mt_taus) + [6]) if mt_betas else ([tau1, tau2], [3, 6])
     c, t = compute.step_time(params), compute.allreduce_s(params, net)
-    budget = target_overhead * c * (1 + 1e-12)
-
-    def overhead_s(kx: int) -> float:
-        return t / kx + sum(t / k for k in _periods(kx, taus, floors))
-
-    kx0 = max(1, math.ceil(t / (target_overhead * c) - 1e-9)) if t > 0 else 1
-    worst = 1 + sum(1 / f for f in floors)  # every state at its floor: overhead = worst * t / kx, which meets
-    kx_floor = max(1, math.ceil(worst * t / (target_overhead * c) - 1e-9)) if t > 0 else 1  # the target
-    kx = next((k for k in range(kx0, min(kx_floor, kx0 + 2_000_000)) if overhead_s(k) <= budget), kx_floor)
+    kx0, kx = _smallest_kx(t / (target_overhead * c), taus, floors)
     ku, kv = _state_period(kx, tau1, 3), _state_period(kx, tau2, 6)
     mt_periods = _periods(kx, mt_taus, [3] * len(mt_taus))
     sched = schedule("mtdao", kx, ku, kv, mt_periods) if mt_betas else schedule("desloc", kx, ku, kv)
     per_step = models_per_step(sched)
-    local_adam = (len(sched)) / kx  # the same states, all every K_x
+    local_adam = len(sched) / kx  # the same tensors, all every K_x
     comm = sum(t / k for _, k in sched)
     half_lives: dict[str, Any] = {"beta1": tau1, "beta2": tau2}
     periods: dict[str, Any] = {"kx": kx, "ku": ku, "kv": kv}
@@ -441,7 +462,8 @@ def plan(beta1: float = 0.9, beta2: float = 0.999, params: int = 7_000_000_000,
         half_lives["mt_betas"] = mt_taus
         periods["momentum_periods"] = mt_periods
     return {
-        "method": "mtdao" if mt_betas else "desloc", "betas": {"beta1": beta1, "beta2": beta2, "mt_betas": list(mt_betas or [])},
+        "method": "mtdao" if mt_betas else "desloc",
+        "betas": {"beta1": beta1, "beta2": beta2, "mt_betas": list(mt_betas or [])},
         "half_lives": half_lives, "periods": periods, "kx_params_only": kx0,
         "states": dict(sched), "models_per_step": per_step,
         "bytes_per_step": per_step * params * compute.bytes_per_param,
@@ -450,8 +472,7 @@ def plan(beta1: float = 0.9, beta2: float = 0.999, params: int = 7_000_000_000,
         "target_overhead": target_overhead, "speedup_vs_ddp": (c + t) / (c + comm), "rule": PLAN_RULE,
         "assumptions": {**compute.describe(), **ASSUMED, "params": params, "profile": net.name,
                         "bandwidth_gbps": _number(net.bandwidth_bps / 1e9),
-                        "latency_ms": net.latency_s * 1e3, **({"note": "mtdao: beta1 is unused (its momenta are --mt-betas); ku is DES-LOC's period "
-                                    "for beta1, shown for comparison and not counted"} if mt_betas else {})},
+                        "latency_ms": net.latency_s * 1e3, **({"note": MTDAO_NOTE} if mt_betas else {})},
     }
 
 
@@ -505,7 +526,8 @@ def compute_from_args(args: argparse.Namespace) -> Compute:
                    bytes_per_param=args.bytes_per_param)
 
 
-def profiles_from_args(names: str | None, args: argparse.Namespace, default: str = "datacenter") -> list[NetworkProfile]:
+def profiles_from_args(names: str | None, args: argparse.Namespace,
+                       default: str = "datacenter") -> list[NetworkProfile]:
     """``--profiles a,b`` (or --profile) plus a custom one from --bandwidth-gbps / --latency-ms."""
     if args.latency_ms is not None and args.bandwidth_gbps is None:
         raise ConfigError(f"--latency-ms {args.latency_ms:g} needs --bandwidth-gbps for the custom network; e.g. "
