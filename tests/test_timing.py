@@ -211,3 +211,18 @@ def test_state_dynamics_spread_vanishes_exactly_at_each_states_sync(tmp_path):
         assert (d["exp_avg_sq"]["spread"] == 0.0) == (t % 24 == 0)
     assert rows[0]["state_dynamics"]["exp_avg"]["rel_change"] is None
     assert all(r["state_dynamics"]["exp_avg_sq"]["rel_change"] > 0 for r in rows[1:])
+
+
+def test_a_gossip_sender_starts_when_it_is_ready():
+    """A slow-link worker that stopped computing early (GASLoC's H_i) sends early: with H = 30 for
+    the others, H_i = 1 and a link at 10%, a two-peer round ends at 34.41 steps, not at the 63.41
+    it would if every exchange waited for the last participant (GASLoC Fig. 3's premise)."""
+    nbytes = 2_689_536
+    c = 0.6 * nbytes / (10e9 / 8)  # one exchange at full bandwidth = 5/3 of a step
+    model = TimeModel(PROFILES["ethernet"], c, 4, link_speeds=[1, 1, 1, 0.1])
+    assert auto_local_steps(model, 30, nbytes, "two-peer") == [30, 30, 30, 1]
+    clock = VirtualClock(model)
+    for s in range(30):
+        clock.local_step([0, 1, 2] + ([3] if s < 1 else []))
+    clock.on_mix(nbytes, [(0, 1), (1, 0), (1, 3), (3, 1), (3, 2), (2, 3), (2, 0), (0, 2)])
+    assert [round(t / c, 2) for t in clock.time] == [33.41, 34.41, 34.41, 34.41]

@@ -13,15 +13,16 @@ the pace of the slowest link::
     T_allreduce(n, P) = 2 (M-1) alpha + 2 (M-1)/M * n / min_{w in P} B_w        (0 if M = 1)
 
 A gossip round (``mix``) is point to point: worker w sends its n bytes to each of its d_w
-out-peers over its own link, ``S_w = d_w n / B_w``; worker i's exchange ends when its own sends
-and those of the peers it receives from are through::
+out-peers over its own link, ``S_w = d_w n / B_w``, starting when *it* is ready (a worker that
+stopped computing early starts sending early); worker i is done when its own sends and those of
+the peers it receives from are through::
 
-    T_gossip,i = alpha + max(S_i, max_{j -> i} S_j)
+    t_i <- alpha + max(t_i + S_i, max_{j -> i} (t_j + S_j))
 
 Clock (:class:`VirtualClock`). Each worker has a clock t_w. A local step adds c_w to the workers
 that compute it (an idle GASLoC worker adds nothing). A blocking collective moves every
-participant to ``max_{w in P} t_w + T_allreduce``; a gossip round moves worker i to
-``max(t_i, max_{j in peers(i)} t_j) + T_gossip,i`` and nobody else. The events are the
+participant to ``max_{w in P} t_w + T_allreduce``; a gossip round moves worker i as above, and
+depends on nobody but i's peers. The events are the
 Communicator's own calls (:meth:`desloc.comm.base.Communicator.add_listener`, the same calls the
 ledger counts), so the model and the execution cannot drift apart. Observer traffic (logged
 metrics) costs nothing in the model.
@@ -138,16 +139,18 @@ class TimeModel:
         """S_w: the time worker w's link needs to push ``n_peers`` copies of ``nbytes``."""
         return n_peers * nbytes / self.link_bytes_per_s(worker) if n_peers else 0.0
 
-    def gossip_times(self, nbytes: float, links: Sequence[tuple[int, int]]) -> dict[int, float]:
-        """T_gossip,i for every worker that sends or receives in this round."""
+    def gossip_finish(self, start: Sequence[float], nbytes: float,
+                      links: Sequence[tuple[int, int]]) -> dict[int, float]:
+        """When each worker of a gossip round is done, given when each was ready (``start``):
+        alpha + max(t_i + S_i, max_{j -> i} (t_j + S_j))."""
         out_degree: dict[int, int] = {}
         senders: dict[int, list[int]] = {}
         for src, dst in links:
             out_degree[src] = out_degree.get(src, 0) + 1
             senders.setdefault(dst, []).append(src)
-        send = {w: self.send_time(w, nbytes, d) for w, d in out_degree.items()}
+        sent = {w: start[w] + self.send_time(w, nbytes, d) for w, d in out_degree.items()}
         workers = set(out_degree) | set(senders)
-        return {i: self.network.latency_s + max([send.get(i, 0.0)] + [send[j] for j in senders.get(i, [])])
+        return {i: self.network.latency_s + max([sent.get(i, start[i])] + [sent[j] for j in senders.get(i, [])])
                 for i in workers}
 
     def ddp_step_time(self, nbytes: float) -> float:
@@ -224,14 +227,8 @@ class VirtualClock:
             self.time[w] = end
 
     def on_mix(self, nbytes: int, links: Sequence[tuple[int, int]]) -> None:
-        peers: dict[int, set[int]] = {}
-        for src, dst in links:
-            peers.setdefault(src, set()).add(dst)
-            peers.setdefault(dst, set()).add(src)
-        durations = self.model.gossip_times(nbytes, links)
-        before = list(self.time)
-        for i, ps in peers.items():
-            self.time[i] = max([before[i]] + [before[j] for j in ps]) + durations[i]
+        for i, done in self.model.gossip_finish(list(self.time), nbytes, links).items():
+            self.time[i] = done
 
     @property
     def now(self) -> float:
