@@ -56,7 +56,7 @@ def naive_diloco(H, steps, inner_lr, outer_lr, mu, gs):
 
 def test_diloco_matches_naive_reference():
     gs = grads(20, seed=3)
-    x, _ = run(MethodConfig("diloco", period_x=4), inner="sgdm", steps=20, lr=0.1, gs=gs)
+    x, _ = run(MethodConfig("diloco", period_x=4, outer_momentum=0.9), inner="sgdm", steps=20, lr=0.1, gs=gs)
     ref = naive_diloco(4, 20, 0.1, 0.7, 0.9, gs)
     torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-12)
 
@@ -70,7 +70,7 @@ def test_desloc_nesterov_changes_params_not_bytes():
 
 @pytest.mark.parametrize("name", ["diloco", "desloc", "local-adam"])
 def test_outer_state_survives_resume_bitwise(name):
-    cfg = MethodConfig(name, period_x=3, outer="nesterov")
+    cfg = MethodConfig(name, period_x=3, outer="nesterov", outer_momentum=0.9)  # a momentum state to save
     gs = grads(14, seed=5)
     straight, _ = run(cfg, steps=14, gs=gs)
     x, opt = run(cfg, steps=7, gs=gs)  # mid-round: 7 % 3 != 0
@@ -96,3 +96,12 @@ def test_outer_errors():
     x0 = torch.randn(M, N, dtype=torch.float64)  # workers differ: no common anchor
     with pytest.raises(ConfigError, match="same parameters"):
         run(MethodConfig("diloco", period_x=2), x0=x0)
+
+
+def test_default_outer_momentum_follows_the_round_length():
+    from desloc.algorithms.outer import default_outer_momentum
+
+    assert [default_outer_momentum(h) for h in (8, 50, 100, 500, 5000)] == [0.0, 0.0, 0.5, 0.9, 0.9]
+    assert MethodConfig("diloco", period_x=8).outer_momentum == 0.0
+    assert MethodConfig("diloco", period_x=500).outer_momentum == 0.9
+    assert MethodConfig("diloco", period_x=8, outer_momentum=0.9).outer_momentum == 0.9

@@ -20,7 +20,7 @@ from desloc.algorithms.ddp import DDP
 from desloc.algorithms.desloc import DesLoc
 from desloc.algorithms.diloco import DiLoCo
 from desloc.algorithms.gasloc import GasLoc
-from desloc.algorithms.outer import OuterFactory, nesterov_sgd
+from desloc.algorithms.outer import OuterFactory, default_outer_momentum, nesterov_sgd
 from desloc.comm.base import Communicator
 from desloc.errors import ConfigError, check_finite, check_period
 from desloc.optim.roles import StateRole
@@ -97,7 +97,9 @@ class MethodConfig:
     outer: outer optimizer on the pseudo-gradient at each parameter sync: "nesterov" (SGD with
         Nesterov momentum), "sgd" (plain momentum) or None (plain averaging). diloco defaults to
         "nesterov"; desloc and local-adam accept it too (the paper's "DES-LOC + Nesterov").
-    outer_lr, outer_momentum: the outer SGD's learning rate and momentum (DiLoCo: 0.7, 0.9).
+    outer_lr, outer_momentum: the outer SGD's learning rate (DiLoCo: 0.7) and momentum; "auto"
+        (default) = :func:`~desloc.algorithms.outer.default_outer_momentum` of period_x (0 for
+        H <= 50 up to DiLoCo's 0.9 from H = 500).
     topology: gasloc's gossip graph: one-peer | two-peer | ring | complete | none.
     local_steps: gasloc's per-worker local-step counts H_i (<= period_x = H); None = all H;
         "auto" = from the time model (:func:`desloc.timing.auto_local_steps`).
@@ -113,7 +115,7 @@ class MethodConfig:
     clip_rho: float | None = None
     outer: str | None = None
     outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float | str = "auto"
     topology: str = "one-peer"
     local_steps: list[int] | str | None = None
     gossip_seed: int = 0
@@ -129,7 +131,9 @@ class MethodConfig:
         if self.clip_rho is not None:
             check_finite("clip_rho", self.clip_rho, "clip_rho=1.0, or None (off)")
         check_finite("outer_lr", self.outer_lr, "outer_lr=0.7 (DiLoCo)")
-        check_finite("outer_momentum", self.outer_momentum, "outer_momentum=0.9 (DiLoCo)")
+        if self.outer_momentum == AUTO:
+            self.outer_momentum = default_outer_momentum(self.period_x)
+        check_finite("outer_momentum", self.outer_momentum, "outer_momentum=0.9 (DiLoCo at H ~ 500)")
         if self.clip_rho is not None and not self.clip_rho > 0:
             raise ConfigError(f"clip_rho must be > 0 or None (off), got {self.clip_rho}")
         preset = METHODS[self.name]
