@@ -326,3 +326,20 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     assert step is not None and 0 < step < 400, err[-3000:]
     assert RunDir(out).verify_checkpoint(step, [0, 1]) is None  # both ranks saved the same step
     assert err.count(f"stopped after step {step} of 400") == 1, err[-3000:]  # said once, by rank 0
+
+
+def test_a_run_from_before_checksums_and_new_fields_still_resumes(straight, tmp_path, capsys):
+    """A run directory written by the previous desloc (no .sha256 files, latest.json without
+    "ranks", config.json without the fields added since) resumes, with a warning."""
+    out = tmp_path / "old"
+    assert run("--out", str(out), "--stop-after", "4") == 0
+    for f in (out / "checkpoints").rglob("*.sha256"):
+        f.unlink()
+    (out / "checkpoints" / "latest.json").write_text('{"step": 4}')
+    config = json.loads((out / "config.json").read_text())
+    del config["time"], config["state_dynamics"]
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "older desloc without checksums" in capsys.readouterr().err
+    assert same_params(final_params(out), final_params(straight))

@@ -362,7 +362,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
-        saved = RunDir(args.out).read_config()
+        from desloc.train import TrainConfig
+
+        saved = TrainConfig.from_dict(RunDir(args.out).read_config()).to_dict()  # older runs: new fields' defaults
         cfg = _train_config(args, base=json.loads(json.dumps(saved)))
         if cfg.to_dict() != saved:
             changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))

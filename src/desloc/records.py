@@ -309,6 +309,8 @@ class RunDir:
                 meta = json.loads(f.with_suffix(".sha256").read_text())
                 expected, size = str(meta["sha256"]), int(meta["bytes"])
             except FileNotFoundError:
+                if self._legacy():
+                    continue  # written before checksums existed: loadability is all we can check
                 return f"{f.name} has no checksum (its write never completed)"
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 return f"{f.with_suffix('.sha256').name} is malformed"
@@ -318,6 +320,18 @@ class RunDir:
             if _sha256(f) != expected:
                 return f"{f.name} does not match its sha256 (corrupted)"
         return None
+
+    def _legacy(self) -> bool:
+        """A run written by a desloc without checkpoint checksums (its latest.json has no "ranks")."""
+        try:
+            legacy = "ranks" not in json.loads((self.ckpt_root / "latest.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+        if legacy and not getattr(self, "_legacy_warned", False):
+            self._legacy_warned = True
+            self._warn(f"the checkpoints in {self.ckpt_root} were written by an older desloc without checksums; "
+                       "they are loaded unverified")
+        return legacy
 
     def resume_step(self, ranks: list[int]) -> int | None:
         """The newest checkpoint every rank in ``ranks`` can load; warns about each one skipped."""

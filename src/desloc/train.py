@@ -331,7 +331,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
 
 def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
     """--resume: the run must exist with the same settings, be unfinished, and keep a checkpoint."""
-    saved = run.read_config()
+    saved = TrainConfig.from_dict(run.read_config()).to_dict()  # fields added since: their defaults
     diff = config_diff(saved, cfg.to_dict())
     if diff:
         raise CheckpointMismatchError(f"--resume: the run in {run.path} was made with different "
