@@ -378,10 +378,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = _train_config(args)
         _refuse_unused(_unused_flags(args, cfg), f"by --method {cfg.method.name} (inner {cfg.inner.name})")
         _check_sync_happens(cfg)
-    from desloc.train import check_resources
-
-    check_resources(cfg)  # engine environment, device, memory: before any data is read
-    out = args.out or _default_out("train")
+    out = args.out or _default_out("train")  # train() checks the engine, device and memory first
     summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
                     timeout_s=args.timeout)
     import os

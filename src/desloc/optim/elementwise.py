@@ -242,10 +242,12 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _validate(self, hyper: dict[str, Any]) -> None:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define _validate(hyper): ElementwiseOptimizer is a base class "
+                        "(use ADOPT or MTDAO)")
 
     def _rule(self, group: dict[str, Any]) -> Rule:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define _rule(group): ElementwiseOptimizer is a base class "
+                        "(use ADOPT or MTDAO)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate per-group overrides too."""
