@@ -156,15 +156,21 @@ def test_collect_grads_stacks_replica_grads_and_zero_fills_unused():
         assert torch.equal(reps.stacked["lin.bias"].grad[m], reps[m].lin.bias.grad)
     assert not torch.equal(w.grad[0], w.grad[1])  # per-worker data gives per-worker grads
     assert torch.equal(reps.stacked["unused"].grad, torch.zeros(3, 4))
+    first = w.grad.clone()
 
-    # a second round after zero_grad replaces (does not accumulate into) the stacked grads
+    # a second round after zero_grad replaces (does not accumulate into) the stacked grads, which
+    # stay views of one flat [M, numel] gradient buffer that backward writes into directly
+    grad_storage = w.grad.untyped_storage().data_ptr()
     reps.zero_grad()
-    assert all(p.grad is None for p in reps.parameters())
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in reps.parameters())
     for m in range(3):
         (2 * reps[m](inputs[m]).square().sum()).backward()
-    reps.collect_grads()
     for m in range(3):
         assert torch.equal(w.grad[m], reps[m].lin.weight.grad)
+        assert torch.equal(w.grad[m], 2 * first[m])
+    reps.collect_grads()  # nothing to copy: the replicas' grads are the stacked rows
+    assert all(p.grad.untyped_storage().data_ptr() == grad_storage for p in reps.parameters())
+    assert all(r.lin.weight.grad.data_ptr() == w.grad[m].data_ptr() for m, r in enumerate(reps.replicas))
 
 
 def test_stacked_replicas_state_dict_roundtrip_and_shape_check():

@@ -117,6 +117,13 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
                                                         "auto (from the time model)"), ("method", "local_steps")),
     (("--gossip-seed",), dict(type=int, help="gasloc random-matching seed"), ("method", "gossip_seed")),
     (("--momentum-periods",), dict(type=_int_list, help="MT-DAO K_j per first momentum, e.g. 32,96"), ("method", "momentum_periods")),
+    (("--param-delay",), dict(type=int, metavar="D", help="apply each parameter average D steps after "
+                              "launching it, its all-reduce hidden behind D steps of compute (0 = blocking, "
+                              "default; D < K_x; changes the algorithm: README 'Overlapped syncs')"),
+     ("method", "param_delay")),
+    (("--no-overlap",), dict(action="store_const", const=False, help="block on every sync (default: state "
+                              "syncs overlap the next step's forward/backward, bitwise the same result)"),
+     ("method", "overlap")),
     (("--inner",), dict(help="inner optimizer: adamw | sgdm | adopt | mtdao | mtdao-adam"), ("inner", "name")),
     (("--mt-betas",), dict(type=_float_list, help="MT-DAO momentum decays, e.g. 0.9,0.99"), ("inner", "mt_betas")),
     (("--mt-omegas",), dict(type=_float_list, help="MT-DAO mixing weights, e.g. 0.45,0.45"), ("inner", "mt_omegas")),
@@ -145,8 +152,8 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--seed",), dict(type=int), ("seed",)),
     (("--backend",), dict(help="auto (torchrun -> gloo/nccl, else sim) | sim | gloo | nccl"), ("backend",)),
     (("--device",), dict(help="auto | cpu | cuda"), ("device",)),
-    (("--network",), dict(help="network profile of the time model: datacenter | ethernet | cross-region | home "
-                               "| free"), ("time", "network")),
+    (("--network",), dict(help="network of the time model: datacenter | ethernet | cross-region | home | free, "
+                               "or a link RATE[:LATENCY], e.g. 20mbit:0.2ms"), ("time", "network")),
     (("--worker-speeds",), dict(type=_float_list, help="compute speed factor per worker, e.g. 1,1,1,0.25"),
      ("time", "worker_speeds")),
     (("--link-speeds",), dict(type=_float_list, help="bandwidth factor of each worker's link, e.g. 1,1,1,0.1"),

@@ -184,6 +184,7 @@ class Health:
 
 def state_is_finite(s: Session) -> bool:
     """Every parameter and optimizer-state tensor finite, on every worker."""
+    s.opt.wait_for_syncs()  # states in flight (overlapped syncs) are read only once they have landed
     tensors = list(s.opt.params) + [v for st in s.opt.inner.state.values() for v in st.values()
                                     if torch.is_tensor(v) and v.is_floating_point()]
     bad = float(not all(bool(torch.isfinite(t).all()) for t in tensors))
@@ -258,6 +259,7 @@ class StateDynamics:
         return list(s.opt.params) if name == "params" else s.opt.state_tensors(name)
 
     def measure(self, s: Session) -> dict[str, dict[str, float | None]]:
+        s.opt.wait_for_syncs()
         stacked = s.workers.engine == "sim"
         out = {}
         for name in self.names:
@@ -341,6 +343,8 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
         s.clock.local_step([w for w in range(cfg.workers) if w not in sitting_out])
         lr = s.sched.get_last_lr()[0]
         s.opt.step()
+        if done == cfg.steps:
+            s.opt.finish_syncs()  # the last delayed parameter average lands before the final evaluation
         s.sched.step()
         if is_log:
             val = workers.evaluate(s.val_batches, s.device_type, cfg.bf16) if is_eval else None

@@ -39,8 +39,10 @@ Profiles (per-link bandwidth, one-way latency) -- :data:`PROFILES`::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from desloc.errors import ConfigError
 
@@ -79,10 +81,27 @@ PROFILES: dict[str, NetworkProfile] = {
 }
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*(bit|kbit|mbit|gbit)(?:/s|ps)?\s*"
+                   r"(?::\s*(\d+(?:\.\d+)?(?:e-?\d+)?)\s*(s|ms|us))?\s*$", re.IGNORECASE)
+_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
 def profile(name: str) -> NetworkProfile:
-    if name not in PROFILES:
-        raise ConfigError(f"unknown network profile {name!r}; choose one of {sorted(PROFILES)}")
-    return PROFILES[name]
+    """A named profile (:data:`PROFILES`), or a link written ``RATE[:LATENCY]`` such as
+    ``20mbit:0.2ms`` (rates in bit/kbit/mbit/gbit per second, latency in s/ms/us; default 0)."""
+    if name in PROFILES:
+        return PROFILES[name]
+    match = _RATE.match(str(name))
+    if not match:
+        raise ConfigError(f"unknown network profile {name!r}; choose one of {sorted(PROFILES)} or give a link "
+                          "as RATE[:LATENCY], e.g. 20mbit:0.2ms or 1gbit")
+    rate, unit, latency, tunit = match.groups()
+    bps = float(rate) * _RATE_UNITS[unit.lower()]
+    latency_s = float(latency) * _TIME_UNITS[tunit.lower()] if latency else 0.0
+    if not bps > 0:
+        raise ConfigError(f"network {name!r}: the rate must be > 0")
+    return NetworkProfile(str(name), bps, latency_s)
 
 
 def flops_step_time(params: int, tokens_per_worker_step: int, peak_flops: float, mfu: float) -> float:
@@ -202,29 +221,52 @@ class TimeConfig:
 
 @dataclass
 class VirtualClock:
-    """Per-worker clocks advanced by local steps and by the communicator's events."""
+    """Per-worker clocks advanced by local steps and by the communicator's events.
+
+    The network is one shared resource: a collective starts when every participant is ready and
+    the previous collective has left the wire (``link_free``), and lasts ``all_reduce_time``. A
+    blocking collective holds its participants until it ends. One left in flight for k local
+    steps (``hidden_steps=k``: an overlapped state sync, k = 1; a delayed parameter sync, k = d)
+    lets them compute on; each waits for it after its k-th next local step, so only the part of
+    the transfer longer than that compute shows (hidden traffic costs nothing when the compute is
+    longer)."""
 
     model: TimeModel
     time: list[float] = field(default_factory=list)
     compute: list[float] = field(default_factory=list)
+    link_free: float = 0.0
+    pending: list[list[float]] = field(default_factory=list)  # per worker: [steps left, end] pairs
 
     def __post_init__(self) -> None:
         m = self.model.world_size
         self.time = self.time or [0.0] * m
         self.compute = self.compute or [0.0] * m
+        self.pending = self.pending or [[] for _ in range(m)]
 
     def local_step(self, workers: Sequence[int]) -> None:
         for w in workers:
             c = self.model.compute_time(w)
             self.time[w] += c
             self.compute[w] += c
+        for w, waits in enumerate(self.pending):  # a global step passes for every worker
+            left = []
+            for steps, end in zip(waits[0::2], waits[1::2]):
+                if steps <= 1:
+                    self.time[w] = max(self.time[w], end)
+                else:
+                    left += [steps - 1, end]
+            self.pending[w] = left
 
     # ---- Communicator listener interface (desloc.comm.base)
-    def on_all_reduce(self, nbytes: int, participants: Sequence[int]) -> None:
-        start = max(self.time[w] for w in participants)
+    def on_all_reduce(self, nbytes: int, participants: Sequence[int], hidden_steps: int = 0) -> None:
+        start = max([self.link_free] + [self.time[w] for w in participants])
         end = start + self.model.all_reduce_time(nbytes, participants)
+        self.link_free = end
         for w in participants:
-            self.time[w] = end
+            if hidden_steps:
+                self.pending[w] += [hidden_steps, end]
+            else:
+                self.time[w] = end
 
     def on_mix(self, nbytes: int, links: Sequence[tuple[int, int]]) -> None:
         for i, done in self.model.gossip_finish(list(self.time), nbytes, links).items():
@@ -232,19 +274,22 @@ class VirtualClock:
 
     @property
     def now(self) -> float:
-        """When the last worker is done: the run's modeled time so far."""
-        return max(self.time)
+        """When the last worker is done (with every transfer in flight): the run's modeled time."""
+        return max(max(self.time), max((end for waits in self.pending for end in waits[1::2]), default=0.0))
 
     @property
     def compute_only(self) -> float:
         """The longest time any worker spent computing (the floor with free communication)."""
         return max(self.compute)
 
-    def state_dict(self) -> dict[str, list[float]]:
-        return {"time": list(self.time), "compute": list(self.compute)}
+    def state_dict(self) -> dict[str, Any]:
+        return {"time": list(self.time), "compute": list(self.compute), "link_free": self.link_free,
+                "pending": [list(p) for p in self.pending]}
 
-    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.time, self.compute = [float(t) for t in state["time"]], [float(c) for c in state["compute"]]
+        self.link_free = float(state.get("link_free", 0.0))
+        self.pending = [list(p) for p in state.get("pending", [[] for _ in self.time])]
 
 
 def half_life(beta: float) -> float:

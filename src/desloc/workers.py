@@ -181,7 +181,7 @@ class ProcessWorkers:
         """This rank's forward/backward; random draws from (seed, rank, step), as the simulator's.
         Nothing is communicated (metrics are averaged only when logged: :meth:`mean_over_workers`).
         An idle rank (in ``idle``) computes nothing."""
-        self.net.zero_grad(set_to_none=True)
+        self.net.zero_grad(set_to_none=False)  # in place: DDP's gradients stay views of its flat buffer
         if self.rank in idle:
             return StepStats(torch.full((1,), math.nan, device=_model_device(self.net)), [math.nan] if measure else None)
         (x, y), = batches

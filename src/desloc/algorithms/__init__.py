@@ -106,6 +106,12 @@ class MethodConfig:
     gossip_seed: seed of gasloc's random matchings (identical on every worker).
     momentum_periods: K_j for each first momentum u^j of an MT-DAO inner optimizer (mtdao,
         desloc); None = every momentum on period_u.
+    param_delay: d, apply each parameter average d steps after launching it, overlapping its
+        all-reduce with d steps of compute (0 = blocking, the default; 0 <= d < period_x; methods
+        that average parameters: the desloc family and diloco). Changes the algorithm
+        (:mod:`desloc.algorithms.desloc`).
+    overlap: leave state syncs in flight until the next inner step reads them (exact: bitwise
+        the blocking result); False = every sync blocks (``--no-overlap``).
     """
 
     name: str = "desloc"
@@ -120,6 +126,8 @@ class MethodConfig:
     local_steps: list[int] | str | None = None
     gossip_seed: int = 0
     momentum_periods: list[int | None] | None = None
+    param_delay: int = 0
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -137,6 +145,19 @@ class MethodConfig:
         if self.clip_rho is not None and not self.clip_rho > 0:
             raise ConfigError(f"clip_rho must be > 0 or None (off), got {self.clip_rho}")
         preset = METHODS[self.name]
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap must be true or false, got {self.overlap!r}")
+        if isinstance(self.param_delay, bool) or not isinstance(self.param_delay, int) or self.param_delay < 0:
+            raise ConfigError(f"param_delay (--param-delay) must be an integer >= 0, got {self.param_delay!r}; "
+                              "0 = blocking parameter sync")
+        if self.param_delay:
+            if not preset.has_sync_period or preset.gossips:
+                raise ConfigError(f"--param-delay delays a parameter average; {self.name} "
+                                  + ("all-reduces the gradient every step" if not preset.has_sync_period
+                                     else "gossips instead of averaging") + ". Drop --param-delay")
+            if self.param_delay >= self.period_x:
+                raise ConfigError(f"param_delay={self.param_delay} must be < K_x={self.period_x} (one parameter "
+                                  f"average in flight at a time); e.g. --param-delay {max(1, self.period_x // 4)}")
         if self.outer is None:
             self.outer = preset.outer
         if self.outer not in (None, "nesterov", "sgd"):
@@ -255,6 +276,8 @@ def build_method(
     if preset.cls is DDP:
         opt: SyncedOptimizer = DDP(inner, comm, **kwargs)
     elif preset.cls is DiLoCo:
+        kwargs.setdefault("param_delay", cfg.param_delay)
+        kwargs.setdefault("overlap", cfg.overlap)
         opt = DiLoCo(inner, comm, cfg.period_x, list(roles), outer=kwargs.pop("outer", outer_factory(cfg)), **kwargs)
     elif preset.cls is GasLoc:
         kwargs.setdefault("state_names", list(roles))
@@ -263,6 +286,8 @@ def build_method(
                      local_steps=cfg.local_steps, seed=cfg.gossip_seed, **kwargs)
     else:
         kwargs.setdefault("outer", outer_factory(cfg))
+        kwargs.setdefault("param_delay", cfg.param_delay)
+        kwargs.setdefault("overlap", cfg.overlap)
         opt = DesLoc(inner, comm, cfg.period_x, state_periods(cfg, roles),
                      reset_states_on_param_sync=preset.reset_states, **kwargs)
     opt.algorithm = cfg.name

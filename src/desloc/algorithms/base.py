@@ -13,16 +13,33 @@ extend it in ``_on_param_group_added`` (DES-LOC's outer-optimizer anchor, GASLoC
 group added on every worker, in the same order, is stepped by the inner optimizer and synced like
 the others. Step hooks (``register_step_pre_hook`` / ``register_step_post_hook``) registered on
 the wrapper run around the wrapper's ``step``.
+
+Zero-copy syncs (``zero_copy=True``, the default): the tensors of every tag the method
+all-reduces (:meth:`_flat_tags`: parameters, synced states, DDP's gradients) are re-homed into
+flat buffers (:mod:`desloc.algorithms.flat`) -- parameters at construction, states once they
+exist (after the first step, and again after ``load_state_dict``, which allocates fresh
+tensors) -- and a sync all-reduces the buffers in place. ``zero_copy=False`` keeps the tensors
+where they are and hands lists to ``all_reduce_mean`` (copied into buckets and back): the
+reference the zero-copy path is tested against, bit for bit.
+
+Overlapped state syncs (``overlap=True``, the default): a sync whose result is first read by the
+next inner step (an optimizer state averaged after step t) is left in flight and waited for at
+the start of step t+1's ``step()``, i.e. after step t+1's forward and backward, just before its
+inner update. Nothing reads the state in between, so the numbers are those of a blocking sync.
+Anything that reads states between steps calls :meth:`wait_for_syncs` first (``state_dict``
+does).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
 
+from desloc.algorithms.flat import FlatGroup
 from desloc.algorithms.schedule import SyncSchedule
-from desloc.comm.base import Communicator
+from desloc.comm.base import Communicator, PendingReduce
 from desloc.errors import CheckpointMismatchError, ConfigError
 from desloc.optim import is_elementwise
 
@@ -42,6 +59,8 @@ class SyncedOptimizer(torch.optim.Optimizer):
         comm: Communicator,
         clip_rho: float | None = None,
         assume_elementwise: bool = False,
+        zero_copy: bool = True,
+        overlap: bool = True,
     ):
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
@@ -63,6 +82,11 @@ class SyncedOptimizer(torch.optim.Optimizer):
         self.clip_rho = None if clip_rho is None else float(clip_rho)
         self.global_step = 0
         self.schedule = SyncSchedule()
+        self.zero_copy = bool(zero_copy)
+        self.overlap = bool(overlap) and self.zero_copy
+        self._flat: dict[str, FlatGroup] = {}
+        self._in_flight: list[PendingReduce] = []  # state syncs to finish before the next inner step
+        self._warned_replaced: set[str] = set()
         # Optimizer.__init__ sets up the hook machinery; it also assigns ``state`` and
         # ``param_groups`` and adds the groups, which must not touch the inner optimizer: while
         # constructing, the setters and add_param_group below ignore it.
@@ -157,19 +181,31 @@ class SyncedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._finish_in_flight()  # overlapped state syncs of the previous step: needed from here on
         self._before_local_step()
         if self._skips_inner_step():
             self._advance_counters()
         else:
             self.inner.step()
         self.global_step += 1
+        if self.zero_copy and self.global_step == 1:
+            self._ensure_flat()  # the states exist now: re-home them once (later: only if replaced)
         self._after_local_step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """``set_to_none=False`` zeroes gradients that live in a flat sync buffer (DDP's) with one
+        fill, and they stay views of it (DDP's ``gradient_as_bucket_view``); with True they are
+        dropped, as torch's contract says, and the next sync copies the new ones in."""
+        group = self._flat.get("grads")
+        if not set_to_none and group is not None and group.bound([p.grad for p in self.params]):
+            for buf in group.buffers:
+                buf.zero_()
+            return
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
+        self.wait_for_syncs()
         return {
             "inner": self.inner.state_dict(),
             "desloc": {
@@ -216,6 +252,9 @@ class SyncedOptimizer(torch.optim.Optimizer):
                 "resume with the checkpoint's settings"
             )
         self.inner.load_state_dict(state_dict["inner"])
+        self._in_flight = []
+        if self.zero_copy:
+            self._ensure_flat()  # load_state_dict allocated fresh state tensors: back into the buffers
         self.global_step = int(meta["global_step"])
         self.comm.ledger.load_state_dict(meta["ledger"])
         self._load_extra_state(meta.get("extra", {}))
@@ -235,6 +274,108 @@ class SyncedOptimizer(torch.optim.Optimizer):
 
     def config_dict(self) -> dict[str, Any]:
         return {"clip_rho": self.clip_rho}
+
+    # ------------------------------------------------------- flat buffers, syncs
+    def _flat_tags(self) -> list[str]:
+        """Tags whose tensors live in flat buffers (those the method all-reduces)."""
+        return []
+
+    def _tag_tensors(self, tag: str) -> list[torch.Tensor]:
+        if tag == "params":
+            return self.params
+        if tag == "grads":
+            return [p.grad for p in self.params]
+        return self.state_tensors(tag)
+
+    def _bind(self, tag: str, group: FlatGroup) -> None:
+        """Make the tensors of ``tag`` the views of ``group`` (values already in the buffers)."""
+        if tag == "params":
+            for p, v in zip(self.params, group.views):
+                if p.data_ptr() != v.data_ptr() or p.stride() != v.stride():
+                    p.data = v
+        elif tag == "grads":
+            for p, v in zip(self.params, group.views):
+                if p.grad is not v:
+                    p.grad = v
+        else:
+            owners = [p for p in self.params if tag in self.inner.state[p]]
+            for p, v in zip(owners, group.views):
+                self.inner.state[p][tag] = v
+
+    def flat_buffers(self, tag: str) -> list[torch.Tensor]:
+        """The flat buffers holding every tensor of ``tag`` (re-homing them first if needed):
+        averaging these in place averages the tensors."""
+        tensors = self._tag_tensors(tag)
+        group = self._flat.get(tag)
+        if group is None or not group.matches(tensors):
+            group = FlatGroup(tensors, self.comm.world_size if self.comm.stacked else None)
+            self._flat[tag] = group
+            self._bind(tag, group)
+            return group.buffers
+        unbound = group.unbound(tensors)
+        if unbound:
+            if tag not in ("params", "grads") and tag not in self._warned_replaced:
+                self._warned_replaced.add(tag)
+                warnings.warn(f"{type(self.inner).__name__} replaced its {tag!r} tensors instead of updating "
+                              "them in place; desloc copies them back into the flat sync buffer before each "
+                              "sync (results are unchanged, the sync is no longer zero-copy)", stacklevel=3)
+            group.refill(tensors, unbound)
+            self._bind(tag, group)
+        return group.buffers
+
+    def _ensure_flat(self) -> None:
+        """Re-home every flat tag's tensors that exist (parameters; states once created)."""
+        for tag in self._flat_tags():
+            tensors = self._tag_tensors(tag)
+            if tensors and all(t is not None for t in tensors):
+                self.flat_buffers(tag)
+
+    def _finish_in_flight(self) -> None:
+        for pending in self._in_flight:
+            pending.wait()
+        self._in_flight = []
+
+    def wait_for_syncs(self) -> None:
+        """Finish every sync still in flight (overlapped state syncs; DES-LOC's delayed
+        parameter sync is received but applied only at its step). Call before reading optimizer
+        states between steps; ``state_dict`` does."""
+        self._finish_in_flight()
+
+    def finish_syncs(self) -> None:
+        """Wait for every sync in flight and apply what is pending (end of training)."""
+        self.wait_for_syncs()
+
+    def _sync(self, tags: list[str], hidden: list[int] | None = None,
+              extra: list[tuple[str, list[torch.Tensor], int]] = ()) -> dict[str, list[PendingReduce]]:
+        """All-reduce every tensor of ``tags`` in one communicator call; returns the handles by tag.
+
+        Zero-copy: the tags' flat buffers in place, ``hidden[i] > 0`` leaving tag i in flight
+        (wait on its handles before reading it); ``extra`` adds (tag, flat buffers, hidden) of
+        buffers that are not a tag's home (DES-LOC's parameter snapshot). Otherwise (the copying
+        reference) the tensor lists go to ``all_reduce_mean``, blocking."""
+        if not tags and not extra:
+            return {}
+        if not self.zero_copy:
+            tensors: list[torch.Tensor] = []
+            tensor_tags: list[str] = []
+            for tag in tags:
+                group = self._tag_tensors(tag)
+                tensors += group
+                tensor_tags += [tag] * len(group)
+            if tensors:
+                self.comm.all_reduce_mean(tensors, tensor_tags)
+            return {}
+        hidden = list(hidden) if hidden is not None else [0] * len(tags)
+        items = [(tag, self.flat_buffers(tag), k) for tag, k in zip(tags, hidden)] + list(extra)
+        buffers = [b for _, bufs, _ in items for b in bufs]
+        handles = self.comm.all_reduce_mean_flat(buffers, [tag for tag, bufs, _ in items for _ in bufs],
+                                                 [k for _, bufs, k in items for _ in bufs])
+        out: dict[str, list[PendingReduce]] = {}
+        i = 0
+        for tag, bufs, _ in items:
+            out.setdefault(tag, []).extend(handles[i : i + len(bufs)])
+            i += len(bufs)
+        return out
 
     # ----------------------------------------------------------------- helpers
     def _clip(self) -> None:

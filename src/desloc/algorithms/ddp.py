@@ -5,6 +5,11 @@
     g   = clip(g, rho)                     (optional)
     x   = OPT.step(x, g)                   (identical on every worker)
 
+Zero-copy: the gradients are views of a flat buffer (``p.grad`` bound to it after the first
+backward; the training loop zeroes gradients in place -- ``zero_grad(set_to_none=False)`` --
+as with DDP's ``gradient_as_bucket_view``), so the all-reduce runs on that buffer in place.
+Gradients set to None are re-created by backward and copied into the buffer at the next sync.
+
 Communication: one model-sized tensor (the gradient) per step (schedule ``{"grads": 1}``) -- the reference that every
 ``ratio_vs_ddp`` divides. Parameters stay identical on all workers if they start identical.
 This is the quality upper bound of the DES-LOC paper. Reduces to: single-worker OPT at M = 1.
@@ -25,11 +30,12 @@ class DDP(SyncedOptimizer):
         super().__init__(*args, **kwargs)
         self.schedule = SyncSchedule({"grads": 1})
 
+    def _flat_tags(self) -> list[str]:
+        return ["grads"]
+
     def _before_local_step(self) -> None:
-        grads = []
         for p in self.params:
             if p.grad is None:  # every worker must contribute the same tensors
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        self.comm.all_reduce_mean(grads, ["grads"] * len(grads))
+        self._sync(["grads"])
         self._clip()

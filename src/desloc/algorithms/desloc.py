@@ -39,6 +39,26 @@ overwrite x with E_m[x^m] but takes DiLoCo's outer step on the pseudo-gradient
 xbar - E_m[x^m] (:mod:`desloc.algorithms.outer`; DiLoCo itself is :mod:`desloc.algorithms.diloco`).
 Communication is unchanged: one model-sized all-reduce per parameter sync.
 
+Overlapped state syncs (``overlap=True``, default): a state averaged after step t is first read
+by step t+1's inner update, so its all-reduce is left in flight and waited for just before that
+update (after step t+1's forward and backward): bitwise the blocking result
+(:class:`~desloc.algorithms.base.SyncedOptimizer`). Parameters are read by the very next forward,
+so their sync blocks -- unless delayed.
+
+Delayed parameter sync (``param_delay = d``, 0 <= d < K_x; off by default because it changes the
+algorithm; overlapped Local SGD, Streaming DiLoCo's delayed outer step, Douillard et al. 2025)::
+
+    if t % K_x == 0:       x_snap = x^m;  launch E_m[x_snap]           (in flight for d steps)
+    if t == t_0 + d:       x^m <- x^m + (E_m[x_snap] - x_snap)        (local progress since t_0 kept)
+      with an outer optimizer:
+                           xbar <- OUTER.step(xbar, xbar - E_m[x_snap])
+                           x^m  <- x^m + (xbar - x_snap)
+
+d = 0 is the blocking sync exactly (the code path is the blocking one, bit for bit); the rule with
+d >= 1 is tested against a float64 reference (tests/test_overlap.py). A checkpoint taken while
+the snapshot is in flight waits for its all-reduce and stores E_m[x_snap] and x_snap with the
+step to apply them, so a resumed run applies the same update at the same step.
+
 The schedule is :class:`~desloc.algorithms.schedule.SyncSchedule` ``{"params": K_x, <state>: K_j}``.
 ``add_param_group`` (on every worker alike): the inner optimizer steps the new parameters and
 they are averaged with the others; with an outer optimizer their anchor starts at their current
@@ -48,6 +68,7 @@ value (xbar_0 = x_0) and joins the outer optimizer as a new group of its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,8 +76,19 @@ import torch
 from desloc.algorithms.base import SyncedOptimizer
 from desloc.algorithms.outer import OuterFactory, OuterStep
 from desloc.algorithms.schedule import SyncSchedule
-from desloc.comm.base import Communicator
+from desloc.comm.base import Communicator, PendingReduce
 from desloc.errors import ConfigError, check_period
+
+
+@dataclass
+class DelayedParams:
+    """A parameter sync in flight: E_m[x_snap] arrives in ``mean`` (flat buffers, once the
+    handles are done), ``original`` holds x_snap; applied after step ``apply_step``."""
+
+    apply_step: int
+    handles: list[PendingReduce]
+    mean: list[torch.Tensor]
+    original: list[torch.Tensor]
 
 
 class DesLoc(SyncedOptimizer):
@@ -72,11 +104,22 @@ class DesLoc(SyncedOptimizer):
         clip_rho: float | None = None,
         assume_elementwise: bool = False,
         outer: OuterFactory | None = None,
+        param_delay: int = 0,
+        overlap: bool = True,
+        zero_copy: bool = True,
     ):
         check_period("period_x", period_x)
+        if isinstance(param_delay, bool) or not isinstance(param_delay, int) or not 0 <= param_delay < period_x:
+            raise ConfigError(f"param_delay (--param-delay) must be an integer in [0, K_x={period_x}), got "
+                              f"{param_delay!r}; 0 = blocking parameter sync, e.g. {min(4, period_x - 1)}")
+        if param_delay and not zero_copy:
+            raise ConfigError("param_delay needs the zero-copy sync path (zero_copy=True)")
         for name, period in state_periods.items():
             check_period(f"state_periods[{name!r}]", period, allow_none=True)
-        super().__init__(inner, comm, clip_rho=clip_rho, assume_elementwise=assume_elementwise)
+        super().__init__(inner, comm, clip_rho=clip_rho, assume_elementwise=assume_elementwise,
+                         zero_copy=zero_copy, overlap=overlap)
+        self.param_delay = param_delay
+        self.delayed: DelayedParams | None = None
         self.period_x = period_x
         self.state_periods = dict(state_periods)
         self.schedule = SyncSchedule({"params": period_x, **self.state_periods})
@@ -89,45 +132,103 @@ class DesLoc(SyncedOptimizer):
             self.outer.add(params)
 
     # -------------------------------------------------------------------- sync
+    def _flat_tags(self) -> list[str]:
+        return list(self.schedule.tags)
+
     def _after_local_step(self) -> None:
         if not self._states_checked:
             self._check_declared_states(list(self.state_periods), "state_periods")
             self._states_checked = True
+        if self.delayed is not None and self.global_step >= self.delayed.apply_step:
+            self._apply_delayed()
         due = self.schedule.due(self.global_step)
-        tensors: list[torch.Tensor] = []
-        tags: list[str] = []
-        for tag in due:
-            group = self.params if tag == "params" else self.state_tensors(tag)
-            tensors += group
-            tags += [tag] * len(group)
-        if tensors:
-            self.comm.all_reduce_mean(tensors, tags)
-        if "params" in due:
-            self._finish_param_sync()
-            if self.reset_states_on_param_sync:
-                for name in self.state_periods:
-                    for s in self.state_tensors(name):
-                        s.zero_()
+        states = [tag for tag in due if tag != "params"]
+        hidden = [1 if self.overlap else 0] * len(states)
+        if "params" in due and self.param_delay:
+            original = [b.clone() for b in self.flat_buffers("params")]
+            mean = [b.clone() for b in original]
+            handles = self._sync(states, hidden, extra=[("params", mean, self.param_delay)])
+            self.delayed = DelayedParams(self.global_step + self.param_delay, handles["params"], mean, original)
+        else:
+            blocking_params = ["params"] if "params" in due else []
+            handles = self._sync(blocking_params + states, [0] * len(blocking_params) + hidden)
+            if blocking_params:
+                self._finish_param_sync()
+                self._reset_states()
+        for tag in states:
+            self._in_flight += handles.get(tag, [])
+
+    def _reset_states(self) -> None:
+        if self.reset_states_on_param_sync:
+            for name in self.state_periods:
+                for s in self.state_tensors(name):
+                    s.zero_()
+
+    @torch.no_grad()
+    def _apply_delayed(self) -> None:
+        """x <- x + (E[x_snap] - x_snap); with an outer optimizer x <- x + (OUTER(xbar) - x_snap)."""
+        delayed, self.delayed = self.delayed, None
+        for h in delayed.handles:
+            h.wait()
+        layout = self._flat["params"]
+        if self.outer is None:
+            for x, mean, original in zip(self.flat_buffers("params"), delayed.mean, delayed.original):
+                x.add_(mean - original)
+        else:
+            self._check_common_start()
+            self.outer.step(layout.views_of(delayed.mean))
+            for x, xbar, original in zip(self.params, self.outer.anchor, layout.views_of(delayed.original)):
+                x.add_(xbar - original)
+                xbar.grad = None
+        self._reset_states()
+
+    def finish_syncs(self) -> None:
+        """Apply a delayed parameter sync now, instead of ``param_delay`` steps after it was
+        launched: at the end of training, so the final model is averaged as a blocking run's."""
+        self.wait_for_syncs()
+        if self.delayed is not None:
+            self._apply_delayed()
+
+    def wait_for_syncs(self) -> None:
+        super().wait_for_syncs()
+        if self.delayed is not None:
+            for h in self.delayed.handles:
+                h.wait()
 
     def _finish_param_sync(self) -> None:
         """After the parameter all-reduce: the outer step on Delta = xbar - E[x], if any."""
         if self.outer is None:
             return
+        self._check_common_start()
+        self.outer.step(self.params)  # self.params hold E_m[x^m] now
+        self.outer.copy_to(self.params)
+
+    def _check_common_start(self) -> None:
         # xbar_0 = x_0 needs every worker to start from the same parameters (as DDP does).
         first, *others = self.comm.local_workers
         if others and not all(torch.equal(self.comm.worker_view(a, w), self.comm.worker_view(a, first))
                               for a in self.outer.anchor for w in others):
             raise ConfigError("an outer optimizer needs every worker to start from the same "
                               "parameters; initialise the replicas identically (StackedReplicas does)")
-        self.outer.step(self.params)  # self.params hold E_m[x^m] now
-        self.outer.copy_to(self.params)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {} if self.outer is None else self.outer.state_dict()
+        out = {} if self.outer is None else self.outer.state_dict()
+        if self.delayed is not None:  # received (state_dict waited for it), not yet applied
+            out["delayed_params"] = {"apply_step": self.delayed.apply_step,
+                                     "mean": [t.detach().clone() for t in self.delayed.mean],
+                                     "original": [t.detach().clone() for t in self.delayed.original]}
+        return out
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if self.outer is not None:
             self.outer.load_state_dict(state)
+        self.delayed = None
+        saved = state.get("delayed_params")
+        if saved is not None:
+            self.flat_buffers("params")
+            mean = [t.clone() for t in saved["mean"]]
+            self.delayed = DelayedParams(int(saved["apply_step"]), [PendingReduce(t) for t in mean], mean,
+                                         [t.clone() for t in saved["original"]])
 
     # ------------------------------------------------------------------ record
     def config_dict(self) -> dict[str, Any]:
@@ -136,6 +237,7 @@ class DesLoc(SyncedOptimizer):
             "period_x": self.period_x,
             "state_periods": dict(self.state_periods),
             "reset_states_on_param_sync": self.reset_states_on_param_sync,
+            **({"param_delay": self.param_delay} if self.param_delay else {}),  # older checkpoints: 0
             "outer": None if self.outer is None else {
                 "optimizer": type(self.outer.optimizer).__name__, **self.outer.hyperparameters(),
             },

@@ -46,6 +46,9 @@ class DiLoCo(DesLoc):
         outer: OuterFactory | None = None,
         clip_rho: float | None = None,
         assume_elementwise: bool = False,
+        **sync_options,
     ):
+        """``sync_options``: DesLoc's ``param_delay``, ``overlap``, ``zero_copy``."""
         super().__init__(inner, comm, period, {name: None for name in state_names}, clip_rho=clip_rho,
-                         assume_elementwise=assume_elementwise, outer=outer or nesterov_sgd(momentum=default_outer_momentum(period)))
+                         assume_elementwise=assume_elementwise,
+                         outer=outer or nesterov_sgd(momentum=default_outer_momentum(period)), **sync_options)

@@ -3,7 +3,8 @@
 An algorithm sees its workers only through a :class:`Communicator`. Two real implementations:
 
 * :class:`~desloc.comm.torch_dist.TorchDistComm` -- one worker per process, ``torch.distributed``
-  (gloo on CPU, NCCL on GPU), tensors flattened into buckets, one all-reduce per bucket.
+  (gloo on CPU, NCCL on GPU): flat buffers reduced in place (:meth:`all_reduce_mean_flat`, the
+  methods' path: no copies, optionally asynchronous), other tensor lists through buckets.
 * :class:`~desloc.comm.simulated.SimulatedComm` -- all M workers in one process. Every tensor
   the algorithm holds carries the workers on its leading dimension (``[M, *shape]``), so one
   elementwise optimizer step over the stacked tensor *is* M independent worker steps (bitwise:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -35,6 +37,26 @@ def mix_rows(stacked_or_list, row: Sequence[tuple[int, float]]) -> torch.Tensor:
     for j, w in rest:
         acc = acc + stacked_or_list[j] * w
     return acc
+
+
+class PendingReduce:
+    """One flat buffer's average in flight: :meth:`wait` blocks until the network is done and
+    divides the sum by M in place (the same arithmetic as a blocking call). Idempotent."""
+
+    def __init__(self, buffer: torch.Tensor, works: Sequence[Any] = (), world_size: int = 1):
+        self.buffer = buffer
+        self._works = list(works)
+        self._world_size = world_size
+        self.done = not self._works
+
+    def wait(self) -> torch.Tensor:
+        if not self.done:
+            for work in self._works:
+                work.wait()
+            self.buffer.div_(self._world_size)
+            self._works = []
+            self.done = True
+        return self.buffer
 
 
 class Communicator(ABC):
@@ -75,6 +97,37 @@ class Communicator(ABC):
         ``tags[i]`` names what ``tensors[i]`` is (``"params"``, ``"exp_avg"``...) for the ledger.
         """
 
+    def all_reduce_mean_flat(self, buffers: Sequence[torch.Tensor], tags: Sequence[str],
+                             hidden_steps: Sequence[int] | None = None) -> list[PendingReduce]:
+        """Average flat buffers in place, one collective per buffer, with no copies: the methods'
+        sync path (:mod:`desloc.algorithms.flat` lays parameters and states out as views of them).
+
+        ``buffers[i]`` is one flat buffer: 1-D and contiguous on one worker per process,
+        ``[M, numel]`` in the simulator. ``hidden_steps[i] = 0`` (default) blocks until buffer i
+        is averaged; ``k > 0`` may leave it in flight -- the caller waits on the returned handle
+        before anything reads it, ``k`` local steps later (an engine without asynchronous
+        collectives finishes it now; the numbers are the same). Blocking buffers go first, then
+        the others in increasing ``k`` (the one needed soonest first). One call in the ledger;
+        listeners hear the bytes of each ``k`` separately (``hidden_steps=k``).
+        """
+        self._check_args(buffers, tags)
+        hidden = [0] * len(buffers) if hidden_steps is None else [int(k) for k in hidden_steps]
+        if len(hidden) != len(buffers) or any(k < 0 for k in hidden):
+            raise ValueError(f"hidden_steps needs one integer >= 0 per buffer, got {hidden_steps}")
+        for b in buffers:
+            self._check_flat(b)
+        self._record_all_reduce(buffers, tags, hidden)
+        return self._reduce_flat(list(buffers), hidden)
+
+    def _check_flat(self, buffer: torch.Tensor) -> None:
+        if buffer.dim() != 1 or not buffer.is_contiguous():
+            raise ValueError(f"a flat buffer is 1-D and contiguous, got shape {tuple(buffer.shape)} "
+                             f"strides {buffer.stride()}")
+
+    def _reduce_flat(self, buffers: list[torch.Tensor], hidden: list[int]) -> list[PendingReduce]:
+        """The engine's in-place reduction of :meth:`all_reduce_mean_flat` (already recorded)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement flat all-reduces")
+
     def mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
             neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:
         """Gossip: worker i's tensors become ``sum_j W_ij x_j`` over ``neighbours[i] = [(j, W_ij)]``.
@@ -104,23 +157,32 @@ class Communicator(ABC):
         """Tell ``listener`` about every call that moves method data, as the ledger counts it:
         ``listener.on_all_reduce(nbytes_per_worker, participants)`` and
         ``listener.on_mix(nbytes_per_worker, links)`` (e.g. :class:`desloc.timing.VirtualClock`).
-        Observer traffic (logged metrics) is not reported."""
+        Observer traffic (logged metrics) is not reported. A collective left in flight for k local
+        steps (:meth:`all_reduce_mean_flat`) is reported as ``on_all_reduce(..., hidden_steps=k)``."""
         self.__dict__.setdefault("_listeners", []).append(listener)
 
     def _method_bytes(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> int:
         return sum(self.payload_bytes(t) for t, tag in zip(tensors, tags) if tag not in OBSERVER_TAGS)
 
-    def _record_all_reduce(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
+    def _record_all_reduce(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
+                           hidden_steps: Sequence[int] | None = None) -> None:
         """One ``all_reduce_mean`` call: every worker sends each tensor's payload once."""
         if not tensors:
             return
         for tensor, tag in zip(tensors, tags):
             self.ledger.record(tag, self.payload_bytes(tensor))
         self.ledger.record_call(tags)
-        nbytes = self._method_bytes(tensors, tags)
-        if nbytes:
+        hidden = [0] * len(tensors) if hidden_steps is None else list(hidden_steps)
+        for k in sorted(set(hidden)):
+            part = [(t, tag) for t, tag, h in zip(tensors, tags, hidden) if h == k]
+            nbytes = self._method_bytes([t for t, _ in part], [tag for _, tag in part])
+            if not nbytes:
+                continue
             for listener in self.__dict__.get("_listeners", []):
-                listener.on_all_reduce(nbytes, list(range(self.world_size)))
+                if k:
+                    listener.on_all_reduce(nbytes, list(range(self.world_size)), hidden_steps=k)
+                else:
+                    listener.on_all_reduce(nbytes, list(range(self.world_size)))
 
     def _record_mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
                     neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:

@@ -22,8 +22,8 @@ bookkeeping is shared code (:meth:`Communicator._record_all_reduce`,
     the mean is not an integer and is given as the ``float`` ``sent / M`` -- never rounded.
     ``total_bytes`` is the same mean over all tags (``sum(sent_by_tag) / M``).
 ``syncs_by_tag[tag]``
-    Number of tensors with that tag handed to communicator calls (one per tensor per call;
-    buckets and links do not change it).
+    Number of communicator calls that carried ``tag``: how often it was synced (one per call,
+    however many tensors or flat buffers, buckets or links carried it).
 ``collectives``
     Number of communicator calls (``all_reduce_mean`` or ``mix``) that moved method data. A
     call is one, whatever the engine does underneath: the torch.distributed engine may split it
@@ -88,7 +88,6 @@ class CommLedger:
             self.observer_bytes_by_tag[tag] += int(nbytes)
             return
         self.sent_by_tag[tag] += int(nbytes) * self.world_size
-        self.syncs_by_tag[tag] += 1
 
     def record_links(self, tag: str, nbytes: int, links: Iterable[tuple[int, int]]) -> None:
         """One tensor of a gossip call: ``nbytes`` from ``src`` to ``dst`` for every link."""
@@ -99,11 +98,13 @@ class CommLedger:
         for src, dst in links:
             self.bytes_by_link[f"{src}->{dst}"] += int(nbytes)
         self.sent_by_tag[tag] += int(nbytes) * len(links)
-        self.syncs_by_tag[tag] += 1
 
     def record_call(self, tags: Iterable[str]) -> None:
         """One communicator call carrying ``tags``: a collective if any of them is method data."""
-        if any(t not in OBSERVER_TAGS for t in tags):
+        method_tags = {t for t in tags if t not in OBSERVER_TAGS}
+        for tag in method_tags:
+            self.syncs_by_tag[tag] += 1
+        if method_tags:
             self.collectives += 1
 
     # ------------------------------------------------------------------- views

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from desloc.comm.base import Communicator, mix_rows
+from desloc.comm.base import Communicator, PendingReduce, mix_rows
 from desloc.comm.ledger import CommLedger
 
 
@@ -50,9 +50,23 @@ class SimulatedComm(Communicator):
         for tensor in tensors:
             self._check_stacked(tensor)
         self._record_all_reduce(tensors, tags)
+        self._average(tensors)
+
+    def _average(self, tensors: Sequence[torch.Tensor]) -> None:
         for tensor in tensors:
             mean = tensor.sum(dim=0, keepdim=True).div_(self.world_size)
             tensor.copy_(mean.expand_as(tensor))
+
+    def _check_flat(self, buffer: torch.Tensor) -> None:
+        if buffer.dim() != 2 or buffer.shape[0] != self.world_size or not buffer.is_contiguous():
+            raise ValueError(f"a flat buffer in the simulator is a contiguous [M={self.world_size}, numel] "
+                             f"tensor, got shape {tuple(buffer.shape)} strides {buffer.stride()}")
+
+    def _reduce_flat(self, buffers: list[torch.Tensor], hidden: list[int]) -> list[PendingReduce]:
+        """Everything now: nothing reads a buffer before its wait, so the numbers are those of a
+        collective finished later (one reduction over dim 0 per buffer, as ``all_reduce_mean``)."""
+        self._average(buffers)
+        return [PendingReduce(b) for b in buffers]
 
     def mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
             neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:

@@ -4,11 +4,18 @@ Initialise explicitly (never at import): :func:`init_from_env` reads the standar
 variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``) and picks
 NCCL when CUDA is available, gloo otherwise; multi-node runs work as torchrun sets them.
 
-``all_reduce_mean`` groups tensors by (dtype, device), copies them into flat buckets of at most
-``bucket_bytes``, issues one SUM all-reduce per bucket, divides by the world size and copies
-back. SUM-then-divide (not ``ReduceOp.AVG``) keeps the numerics identical to the simulator.
-The flat bucket is a buffer reused across calls (per dtype and device) and the division is fused
-into the copy back; why, and what it measured, is in ``benchmarks/README.md`` (sync_cost.py).
+The methods' syncs use ``all_reduce_mean_flat``: their parameters, states and gradients are views
+of flat buffers (:mod:`desloc.algorithms.flat`), so each buffer is all-reduced in place (in
+chunks of at most ``bucket_bytes``, each a view) and divided by M: no copy before or after the
+network. With ``hidden_steps > 0`` the collective is issued with ``async_op=True`` and the
+division happens in :meth:`PendingReduce.wait`, when the caller needs the result.
+
+``all_reduce_mean`` (any list of tensors: metrics, tests, the copying reference path) groups
+tensors by (dtype, device), copies them into flat buckets of at most ``bucket_bytes``, issues one
+SUM all-reduce per bucket, divides by the world size and copies back (a reused buffer, the
+division fused into the copy back). SUM-then-divide (not ``ReduceOp.AVG``) keeps the numerics
+identical to the simulator on both paths. What each path costs against a raw all-reduce is in
+``benchmarks/README.md`` (sync_cost.py).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from desloc.comm.base import Communicator, mix_rows
+from desloc.comm.base import Communicator, PendingReduce, mix_rows
 from desloc.comm.ledger import CommLedger
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -90,6 +97,24 @@ class TorchDistComm(Communicator):
         for group_tensors in by_kind.values():
             for bucket in self._buckets(group_tensors):
                 self._reduce_bucket(bucket)
+
+    def _reduce_flat(self, buffers: list[torch.Tensor], hidden: list[int]) -> list[PendingReduce]:
+        order = sorted(range(len(buffers)), key=lambda i: hidden[i])  # blocking first, then soonest needed
+        out: list[PendingReduce | None] = [None] * len(buffers)
+        for i in order:
+            buf = buffers[i]
+            works = [dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                     for chunk in self._chunks(buf)]
+            self.buckets_reduced += len(works)
+            out[i] = PendingReduce(buf, works, self.world_size)
+            if hidden[i] == 0:
+                out[i].wait()
+        return out  # type: ignore[return-value]
+
+    def _chunks(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """``buf`` in contiguous views of at most ``bucket_bytes`` (one view when it fits)."""
+        per = max(1, self.bucket_bytes // buf.element_size())
+        return [buf[i : i + per] for i in range(0, buf.numel(), per)] or [buf]
 
     def _buckets(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         buckets: list[list[torch.Tensor]] = [[]]
