@@ -70,7 +70,23 @@ def combo_key(method: str, inner: str) -> str:
 
 
 # ------------------------------------------------------------------------------- configuration
-def method_config(method: str, world_size: int = 2) -> MethodConfig:
+def method_config(method: str, world_size: int = 2, sync: dict | None = None) -> MethodConfig:
+    """The combo's config; ``sync`` (a job variant) sets ``overlap`` and/or ``param_delay``
+    ("max" = K_x - 1)."""
+    cfg = _method_config(method, world_size)
+    for key, value in (sync or {}).items():
+        if key == "param_delay" and value == "max":
+            value = cfg.period_x - 1
+        if key in ("overlap", "param_delay"):
+            setattr(cfg, key, value)
+    return MethodConfig(**cfg.to_dict()) if sync else cfg  # validated again
+
+
+def supports_delay(method: str) -> bool:
+    return not (method == "ddp" or method.startswith("gasloc"))
+
+
+def _method_config(method: str, world_size: int = 2) -> MethodConfig:
     if "@" in method:  # gasloc@<topology>
         topology = method.split("@", 1)[1]
         if topology == "slow":
@@ -78,7 +94,7 @@ def method_config(method: str, world_size: int = 2) -> MethodConfig:
                                 local_steps=[LOCAL_PERIOD] * (world_size - 1) + [1])
         return MethodConfig("gasloc", period_x=LOCAL_PERIOD, topology=topology)
     if method.endswith("+nesterov"):
-        base = method_config(method.split("+")[0], world_size)
+        base = _method_config(method.split("+")[0], world_size)
         base.outer = "nesterov"
         return base
     if method == "mtdao":
@@ -161,12 +177,13 @@ def _snapshot(params: dict[str, torch.Tensor], opt) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ simulator
-def build_sim(method: str, inner: str, world_size: int, seed: int = SEED, model: str = "mlp"):
+def build_sim(method: str, inner: str, world_size: int, seed: int = SEED, model: str = "mlp",
+              sync: dict | None = None):
     comm = SimulatedComm(world_size)
     replicas = StackedReplicas(make_model(seed, model), world_size)
     icfg = inner_config(inner)
-    opt = build_method(method_config(method, world_size), icfg.build(replicas.parameters()), comm,
-                       icfg.state_roles())
+    opt = build_method(method_config(method, world_size, sync), icfg.build(replicas.parameters()), comm,
+                       icfg.state_roles(), zero_copy=(sync or {}).get("zero_copy", True))
     return replicas, opt
 
 
@@ -184,9 +201,9 @@ def snapshot_sim(replicas: StackedReplicas, opt) -> dict[str, Any]:
 
 
 def run_simulated(method: str, inner: str, world_size: int, steps: int = STEPS, seed: int = SEED,
-                  model: str = "mlp") -> dict:
+                  model: str = "mlp", sync: dict | None = None) -> dict:
     """Train ``steps`` steps on the simulator; the snapshot's tensors are stacked ``[M, ...]``."""
-    replicas, opt = build_sim(method, inner, world_size, seed, model)
+    replicas, opt = build_sim(method, inner, world_size, seed, model, sync)
     train_sim(replicas, opt, 0, steps, seed)
     return snapshot_sim(replicas, opt)
 
@@ -198,14 +215,16 @@ def run_job_sim(world_size: int, job: dict) -> dict[str, dict]:
         key = combo_key(method, inner)
         out: dict[str, Any] = {}
         if "full" in job["ops"]:
-            out["full"] = run_simulated(method, inner, world_size, job["steps"], job["seed"], job.get("model", "mlp"))
+            for name, sync in _full_runs(method, job):
+                out[name] = run_simulated(method, inner, world_size, job["steps"], job["seed"], job.get("model", "mlp"),
+                                          sync)
         if "save" in job["ops"]:
-            replicas, opt = build_sim(method, inner, world_size, job["seed"])
+            replicas, opt = build_sim(method, inner, world_size, job["seed"], sync=job.get("sync"))
             train_sim(replicas, opt, 0, job["save_at"], job["seed"])
             torch.save({"model": replicas.state_dict(), "optim": opt.state_dict()},
                        checkpoint_path(job["ckpt_dir"], method, inner, "sim"))
         if "resume" in job["ops"]:
-            replicas, opt = build_sim(method, inner, world_size, job["seed"])
+            replicas, opt = build_sim(method, inner, world_size, job["seed"], sync=job.get("sync"))
             ckpt = torch.load(checkpoint_path(job["ckpt_dir"], method, inner, "sim"))
             replicas.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optim"])
@@ -238,14 +257,15 @@ def run_sim_in_fresh_process(world_size: int, job: dict, workdir: str | os.PathL
 
 
 # ------------------------------------------------------------------------------------ real gloo
-def build_dist(method: str, inner: str, seed: int = SEED, model: str = "mlp", bucket_bytes: int | None = None):
+def build_dist(method: str, inner: str, seed: int = SEED, model: str = "mlp", bucket_bytes: int | None = None,
+               sync: dict | None = None):
     from desloc.comm.torch_dist import TorchDistComm
 
     comm = TorchDistComm() if bucket_bytes is None else TorchDistComm(bucket_bytes=bucket_bytes)
     model = make_model(seed, model)
     icfg = inner_config(inner)
-    opt = build_method(method_config(method, comm.world_size), icfg.build(model.parameters()), comm,
-                       icfg.state_roles())
+    opt = build_method(method_config(method, comm.world_size, sync), icfg.build(model.parameters()), comm,
+                       icfg.state_roles(), zero_copy=(sync or {}).get("zero_copy", True))
     return model, opt
 
 
@@ -255,7 +275,7 @@ def train_dist(model: nn.Module, opt, rank: int, start: int, stop: int, seed: in
 
     workers = ProcessWorkers(model, opt.comm) if observer else None
     for step in range(start, stop):
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=False)  # in place, as the training loop: DDP's grads stay flat views
         loss = _loss(model, seed, rank, step)
         loss.backward()
         opt.step()
@@ -271,22 +291,35 @@ def checkpoint_path(ckpt_dir: str | os.PathLike, method: str, inner: str, rank: 
     return Path(ckpt_dir) / f"{method}__{inner}__rank{rank}.pt"
 
 
+def _full_runs(method: str, job: dict) -> list[tuple[str, dict | None]]:
+    """The "full" runs of a combo: ``full`` with the job's ``sync`` options, and ``full#<name>``
+    for each of the job's ``variants`` (sync options) that apply to the method."""
+    runs = [("full", job.get("sync"))]
+    for name, sync in job.get("variants", {}).items():
+        if "param_delay" in sync and not supports_delay(method):
+            continue
+        runs.append((f"full#{name}", sync))
+    return runs
+
+
 def run_job_rank(rank: int, job: dict) -> dict[str, dict]:
     """This rank's part of ``job`` (process group already initialised)."""
     results: dict[str, dict] = {}
     for method, inner in job["combos"]:
         out: dict[str, Any] = {}
         if "full" in job["ops"]:
-            model, opt = build_dist(method, inner, job["seed"], job.get("model", "mlp"), job.get("bucket_bytes"))
-            train_dist(model, opt, rank, 0, job["steps"], job["seed"], job.get("observer", False))
-            out["full"] = snapshot_dist(model, opt)
+            for name, sync in _full_runs(method, job):
+                model, opt = build_dist(method, inner, job["seed"], job.get("model", "mlp"), job.get("bucket_bytes"),
+                                        sync)
+                train_dist(model, opt, rank, 0, job["steps"], job["seed"], job.get("observer", False))
+                out[name] = snapshot_dist(model, opt)
         if "save" in job["ops"]:
-            model, opt = build_dist(method, inner, job["seed"])
+            model, opt = build_dist(method, inner, job["seed"], sync=job.get("sync"))
             train_dist(model, opt, rank, 0, job["save_at"], job["seed"])
             torch.save({"model": model.state_dict(), "optim": opt.state_dict()},
                        checkpoint_path(job["ckpt_dir"], method, inner, rank))
         if "resume" in job["ops"]:
-            model, opt = build_dist(method, inner, job["seed"])
+            model, opt = build_dist(method, inner, job["seed"], sync=job.get("sync"))
             ckpt = torch.load(checkpoint_path(job["ckpt_dir"], method, inner, rank))
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optim"])
@@ -350,6 +383,10 @@ def spawn_ranks(world_size: int, job: dict, workdir: str | os.PathLike, timeout_
 
 # One 2-rank and one 4-rank gloo run per pytest session, shared by the test modules: ops
 # ("full", "save") -- uninterrupted runs of every combination plus mid-period checkpoints.
+# Extra "full" runs of every combo in the shared session run (tests/test_overlap_gloo.py): fully
+# blocking syncs, the copying (non-zero-copy) path, and the delayed parameter sync (d = K_x - 1).
+SESSION_VARIANTS = {"blocking": {"overlap": False}, "copy": {"zero_copy": False}, "delay": {"param_delay": "max"}}
+
 _SESSION_RUNS: dict[int, Any] = {}
 
 
@@ -364,7 +401,8 @@ def session_gloo_run(world_size: int, workdir_factory, timeout_s: float) -> tupl
             workdir = Path(workdir_factory())
             ckpt_dir = workdir / "ckpt"
             ckpt_dir.mkdir()
-            ranks = spawn_ranks(world_size, make_job(("full", "save"), ckpt_dir=ckpt_dir), workdir, timeout_s)
+            ranks = spawn_ranks(world_size, make_job(("full", "save"), ckpt_dir=ckpt_dir, variants=SESSION_VARIANTS),
+                                workdir, timeout_s)
             _SESSION_RUNS[world_size] = (ranks, str(ckpt_dir))
         except Exception as exc:  # noqa: BLE001 - re-raised below, for every caller
             _SESSION_RUNS[world_size] = exc
@@ -376,8 +414,10 @@ def session_gloo_run(world_size: int, workdir_factory, timeout_s: float) -> tupl
 
 def make_job(ops: tuple[str, ...], combos=COMBOS, steps: int = STEPS, save_at: int = SAVE_AT,
              ckpt_dir: str | os.PathLike | None = None, seed: int = SEED, **options: Any) -> dict:
-    """``options``: ``model``, ``bucket_bytes``, ``observer`` (module docstring; "full" only)."""
-    unknown = set(options) - {"model", "bucket_bytes", "observer"}
+    """``options``: ``model``, ``bucket_bytes``, ``observer`` (module docstring; "full" only);
+    ``sync`` (MethodConfig ``overlap`` / ``param_delay``, build ``zero_copy``: every op) and
+    ``variants`` (name -> sync: extra "full" runs, ``full#<name>``)."""
+    unknown = set(options) - {"model", "bucket_bytes", "observer", "sync", "variants"}
     if unknown:
         raise ValueError(f"unknown job options {sorted(unknown)}")
     return {"ops": tuple(ops), "combos": [tuple(c) for c in combos], "steps": steps, "save_at": save_at,

@@ -74,6 +74,8 @@ class GasLoc(SyncedOptimizer):
         clip_rho: float | None = None,
         assume_elementwise: bool = False,
         state_names: Sequence[str] | None = None,
+        zero_copy: bool = True,
+        overlap: bool = True,
     ):
         check_period("period (H)", period)
         if state_names is None or isinstance(state_names, str):
@@ -87,7 +89,10 @@ class GasLoc(SyncedOptimizer):
         if len(local_steps) != m or any(not isinstance(h, int) or not 1 <= h <= period for h in local_steps):
             raise ConfigError(f"local_steps (H_i) needs {m} integers in [1, H={period}], got {local_steps}; "
                               f"e.g. {[period] * (m - 1) + [max(1, period // 4)]}")
-        super().__init__(inner, comm, clip_rho=clip_rho, assume_elementwise=assume_elementwise)
+        # zero_copy / overlap are accepted for a uniform interface: gossip sends the outer copies
+        # point to point (one flat send buffer per round) and has no state syncs to overlap.
+        super().__init__(inner, comm, clip_rho=clip_rho, assume_elementwise=assume_elementwise,
+                         zero_copy=zero_copy, overlap=overlap)
         self.period, self.topology, self.seed = period, topology, seed
         self.schedule = SyncSchedule({"params": period})
         self.local_steps = local_steps
