@@ -99,16 +99,20 @@ class TorchDistComm(Communicator):
                 self._reduce_bucket(bucket)
 
     def _reduce_flat(self, buffers: list[torch.Tensor], hidden: list[int]) -> list[PendingReduce]:
-        order = sorted(range(len(buffers)), key=lambda i: hidden[i])  # blocking first, then soonest needed
         out: list[PendingReduce | None] = [None] * len(buffers)
-        for i in order:
-            buf = buffers[i]
+
+        def launch(i: int) -> PendingReduce:
             works = [dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-                     for chunk in self._chunks(buf)]
+                     for chunk in self._chunks(buffers[i])]
             self.buckets_reduced += len(works)
-            out[i] = PendingReduce(buf, works, self.world_size)
-            if hidden[i] == 0:
-                out[i].wait()
+            out[i] = PendingReduce(buffers[i], works, self.world_size)
+            return out[i]
+
+        blocking = [launch(i) for i in range(len(buffers)) if hidden[i] == 0]  # all on the wire at once
+        for pending in blocking:
+            pending.wait()
+        for i in sorted((i for i in range(len(buffers)) if hidden[i] > 0), key=lambda i: hidden[i]):
+            launch(i)  # then the overlapped ones, the one needed soonest first
         return out  # type: ignore[return-value]
 
     def _chunks(self, buf: torch.Tensor) -> list[torch.Tensor]:
