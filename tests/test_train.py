@@ -195,3 +195,25 @@ def test_bf16_autocast_trains(tmp_path, env, monkeypatch):
     summary = train(_cfg(steps=4, bf16=True), tmp_path / "bf16", progress=False)
     assert math.isfinite(summary["final_val_loss"])
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["bf16"] is True
+
+
+def test_delayed_and_blocking_syncs_from_the_cli_on_both_engines(sim_run, tmp_path, env):
+    """--param-delay 2 (K_x 4): the simulator and 2 gloo processes agree bit for bit, a stop with
+    the average in flight (after step 5: launched at 4, applied at 6) resumes bitwise, and the
+    delay changed the result. --no-overlap under torchrun equals the default run bit for bit."""
+    delayed = tmp_path / "delayed"
+    proc = desloc(["train", *SMALL, "--param-delay", "2", "--out", str(delayed)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    real = tmp_path / "delayed_gloo"
+    proc = desloc(["train", *SMALL, "--param-delay", "2", "--out", str(real)], env, torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same(final_state(delayed), final_state(real))
+    resumed = tmp_path / "delayed_resumed"
+    stop_and_resume([*SMALL, "--param-delay", "2"], env, resumed, stop_after=5)
+    assert_same(final_state(delayed), final_state(resumed))
+    (a, _), (b, _) = final_state(delayed), final_state(sim_run[0])
+    assert any(not torch.equal(a[0][k], b[0][k]) for k in a[0])
+    blocking = tmp_path / "blocking_gloo"
+    proc = desloc(["train", *SMALL, "--no-overlap", "--out", str(blocking)], env, torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same(final_state(sim_run[0]), final_state(blocking))
