@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import slow_network as sn  # noqa: E402
+import slow_network as sn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,11 +63,11 @@ def test_rate_limited_network_carries_gloo_and_is_removed():
 @needs_netns
 def test_teardown_when_the_body_raises():
     prefix = _prefix("raise")
-    with pytest.raises(RuntimeError, match="boom"):
-        with sn.SlowNetwork(2, prefix=prefix) as net:
-            net.set_rate(RATE)
-            assert len(sn.list_namespaces(prefix)) == 3
-            raise RuntimeError("boom")
+    net = sn.SlowNetwork(2, prefix=prefix)
+    with pytest.raises(RuntimeError, match="boom"), net:
+        net.set_rate(RATE)
+        assert len(sn.list_namespaces(prefix)) == 3
+        raise RuntimeError("boom")
     assert not sn.list_namespaces(prefix), "namespaces left behind after an exception"
     net.teardown()  # idempotent
 
