@@ -251,6 +251,12 @@ def test_kx_larger_than_steps_is_irrelevant_for_ddp():
     (["--vocab-size", "512"], ["--vocab-size", "byte tokenizer"]),
     (["--alpha", "0.5"], ["--alpha", "dirichlet"]),
     (["--schedule", "constant", "--min-lr-ratio", "0.5"], ["--min-lr-ratio", "constant"]),
+    (["--method", "ddp", "--param-delay", "1"], ["--param-delay", "ddp all-reduces the gradient every step"]),
+    (["--method", "gasloc", "--param-delay", "1"], ["--param-delay", "gossips"]),
+    (["--param-delay", "4"], ["param_delay=4 must be < K_x=2", "--param-delay 1"]),
+    (["--param-delay", "-1"], ["--param-delay", "integer >= 0"]),
+    (["--method", "keep-states", "--no-overlap"], ["--no-overlap", "only state syncs overlap"]),
+    (["--method", "ddp", "--no-overlap"], ["--no-overlap", "ddp"]),
 ])
 def test_flags_the_method_ignores_are_refused(flags, fragments, tmp_path, cache, capsys):
     refused_early(capsys, cache, train_args(tmp_path, *flags), *fragments)
@@ -287,6 +293,7 @@ def fake_compare(monkeypatch):
     ("ddp,desloc", ["--outer", "nesterov"]),
     ("desloc,mtdao", ["--momentum-periods", "2,4"]),
     ("ddp,mtdao", ["--mt-betas", "0.9,0.99"]),
+    ("ddp,desloc,gasloc", ["--param-delay", "1", "--no-overlap"]),
     ("ddp,local-adam,desloc,keep-states,reset-states,diloco,desloc+nesterov,mtdao,gasloc@one-peer,gasloc@two-peer",
      []),
 ])
@@ -300,6 +307,9 @@ def test_compare_accepts_flags_that_some_method_uses(methods, flags, fake_compar
         assert configs["mtdao"].method.momentum_periods == [2, 4]
     if "mtdao" in configs:
         assert configs["mtdao"].inner.name == "mtdao-adam"  # the others' flavour (adamw)
+    if "--param-delay" in flags:  # only a parameter average is delayed; the others run as ever
+        assert [configs[m].method.param_delay for m in configs] == [0, 1, 0]
+        assert [configs[m].method.overlap for m in configs] == [False, False, False]
 
 
 def test_compare_of_ddp_alone_warns_about_kx(fake_compare, tmp_path, cache, capsys):
@@ -317,6 +327,8 @@ def test_compare_of_ddp_alone_warns_about_kx(fake_compare, tmp_path, cache, caps
     ("ddp,desloc", ["--momentum-periods", "2,4"], ["--momentum-periods"]),
     ("desloc,mtdao", ["--inner", "sgdm"], ["no sgdm flavour"]),
     ("ddp,desloc", ["--kx", "8"], ["K_x=8 > steps=4"]),
+    ("ddp,gasloc", ["--param-delay", "1"], ["--param-delay", "every method"]),
+    ("ddp,keep-states,diloco", ["--no-overlap"], ["--no-overlap", "every method"]),
 ])
 def test_compare_refuses_flags_no_method_uses(methods, flags, fragments, fake_compare, tmp_path, cache, capsys):
     args = without(TINY, "--kx") if "--kx" in flags else TINY

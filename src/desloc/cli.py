@@ -294,6 +294,11 @@ def _unused_flags(args: argparse.Namespace, cfg, in_compare: bool = False) -> di
     if not preset.gossips:
         for dest in ("topology", "local_steps", "gossip_seed"):
             refuse(dest, f"only gasloc gossips, not {m.name}")
+    if not preset.has_sync_period or preset.gossips:
+        refuse("param_delay", f"{m.name} has no parameter average to delay ("
+               + ("it all-reduces the gradient every step)" if not preset.has_sync_period else "it gossips)"))
+    if preset.state_periods == "none":
+        refuse("no_overlap", f"{m.name} never syncs optimizer states, and only state syncs overlap")
     if not inner.name.startswith("mtdao"):
         for dest in ("mt_betas", "mt_omegas"):
             refuse(dest, f"the inner optimizer {inner.name} is not MT-DAO; use --inner mtdao / mtdao-adam "
@@ -452,6 +457,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             d["inner"]["name"] = _mtdao_inner(d["inner"]["name"], explicit=True)
         if not preset.gossips:
             d["method"]["local_steps"] = None  # per-worker local steps are gasloc's alone
+        if not preset.has_sync_period or preset.gossips:
+            d["method"]["param_delay"] = 0  # only a parameter average can be delayed
         if preset.state_periods != "tunable" or not d["inner"]["name"].startswith("mtdao"):
             d["method"]["momentum_periods"] = None  # only MT-DAO momenta have periods of their own
         from desloc.train import TrainConfig
