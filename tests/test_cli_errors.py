@@ -257,6 +257,9 @@ def test_kx_larger_than_steps_is_irrelevant_for_ddp():
     (["--param-delay", "-1"], ["--param-delay", "integer >= 0"]),
     (["--method", "keep-states", "--no-overlap"], ["--no-overlap", "only state syncs overlap"]),
     (["--method", "ddp", "--no-overlap"], ["--no-overlap", "ddp"]),
+    (["--join-states", "zeros"], ["--join-states", "no worker joins"]),
+    (["--events", "2:drop=1", "--join-states", "zeros"], ["--join-states", "no worker joins"]),
+    (["--events", "2:grow=1"], ["--events", "STEP:add=N"]),
 ])
 def test_flags_the_method_ignores_are_refused(flags, fragments, tmp_path, cache, capsys):
     refused_early(capsys, cache, train_args(tmp_path, *flags), *fragments)

@@ -124,6 +124,10 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--no-overlap",), dict(action="store_const", const=False, help="block on every sync (default: state "
                               "syncs overlap the next step's forward/backward, bitwise the same result)"),
      ("method", "overlap")),
+    (("--events",), dict(help="simulator membership events, e.g. 16:add=4,48:drop=2 (workers join / leave "
+                              "after that step)"), ("events",)),
+    (("--join-states",), dict(help="a joining worker's optimizer states: average (default) | zeros | checkpoint "
+                                   "(the averages in the last checkpoint)"), ("join_states",)),
     (("--inner",), dict(help="inner optimizer: adamw | sgdm | adopt | mtdao | mtdao-adam"), ("inner", "name")),
     (("--mt-betas",), dict(type=_float_list, help="MT-DAO momentum decays, e.g. 0.9,0.99"), ("inner", "mt_betas")),
     (("--mt-omegas",), dict(type=_float_list, help="MT-DAO mixing weights, e.g. 0.45,0.45"), ("inner", "mt_omegas")),
@@ -297,6 +301,8 @@ def _unused_flags(args: argparse.Namespace, cfg, in_compare: bool = False) -> di
     if not preset.has_sync_period or preset.gossips:
         refuse("param_delay", f"{m.name} has no parameter average to delay ("
                + ("it all-reduces the gradient every step)" if not preset.has_sync_period else "it gossips)"))
+    if not any(e.op == "add" for e in _parse_events(cfg.events)):
+        refuse("join_states", "no worker joins (add an event such as --events 100:add=4)")
     if preset.state_periods == "none":
         refuse("no_overlap", f"{m.name} never syncs optimizer states, and only state syncs overlap")
     if not inner.name.startswith("mtdao"):
@@ -318,6 +324,12 @@ def _unused_flags(args: argparse.Namespace, cfg, in_compare: bool = False) -> di
     if cfg.schedule == "constant":
         refuse("min_lr_ratio", "the constant schedule never decays the learning rate")
     return out
+
+
+def _parse_events(spec):
+    from desloc.membership import parse_events
+
+    return parse_events(spec)
 
 
 def _refuse_unused(unused: dict[str, str], where: str) -> None:

@@ -84,7 +84,14 @@ class Session:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.workers * self.cfg.batch_size * self.cfg.context
+        """Tokens of one step of the live workers."""
+        return self.workers.world_size * self.cfg.batch_size * self.cfg.context
+
+    def tokens_through(self, done: int) -> int:
+        """Tokens of steps 1 .. ``done`` (membership events change the workers per step)."""
+        from desloc.membership import parse_events, worker_steps
+
+        return worker_steps(self.cfg.workers, parse_events(self.cfg.events), done) * self.cfg.batch_size * self.cfg.context
 
     @property
     def rank(self) -> int:
@@ -92,23 +99,26 @@ class Session:
 
 
 # ------------------------------------------------------------------------------------- build
-def build(cfg, run: RunDir, backend: str, device: str, comm) -> Session:
-    """Data, model, workers, the method's optimizer and the LR schedule, on either engine."""
+def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | None = None,
+          corpus: Corpus | None = None) -> Session:
+    """Data, model, workers, the method's optimizer and the LR schedule, on either engine.
+    ``world_size``: the simulator's live workers when membership events changed them."""
     from desloc.train import lr_factor
 
-    corpus = _prepare_corpus(cfg, comm)
+    m = cfg.workers if world_size is None else world_size
+    corpus = corpus if corpus is not None else _prepare_corpus(cfg, comm)
     torch.manual_seed(cfg.seed)
-    streams = WorkerStreams(corpus, cfg.data, cfg.workers, cfg.context, cfg.batch_size, cfg.seed)
+    streams = WorkerStreams(corpus, cfg.data, m, cfg.context, cfg.batch_size, cfg.seed)
     val_batches = streams.val_batches(cfg.eval_batches)  # both check the text's size: before allocating
     model = GPT(cfg.model_config(corpus.vocab_size)).to(device)  # same seed -> same init everywhere
     n_params = sum(p.numel() for p in model.parameters())
-    time_model = cfg.time.model(cfg.workers, n_params, cfg.batch_size * cfg.context)
+    time_model = cfg.time.model(m, n_params, cfg.batch_size * cfg.context)
     method = cfg.method
     if method.local_steps == "auto":  # GASLoC: each worker's H_i from the time model
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         method = dataclasses.replace(method, local_steps=auto_local_steps(time_model, method.period_x,
                                                                           param_bytes, method.topology))
-    workers = SimWorkers(model, cfg.workers) if comm is None else ProcessWorkers(model, comm)
+    workers = SimWorkers(model, m) if comm is None else ProcessWorkers(model, comm)
     inner = cfg.inner.build(workers.parameters())
     opt = build_method(method, inner, workers.comm, cfg.inner.state_roles())
     clock = VirtualClock(time_model)
@@ -126,6 +136,39 @@ def _prepare_corpus(cfg, comm) -> Corpus:
     if comm is not None and comm.rank == 0:
         comm.barrier()
     return corpus
+
+
+# -------------------------------------------------------------------------------- membership
+def apply_membership(s: Session, done: int, last_ckpt: int) -> Session:
+    """After step ``done``: the session of the workers live from the next step on (the same one
+    when no event happens). See :mod:`desloc.membership` for the rules."""
+    from desloc.membership import (live_workers, parse_events, resize_clock_state, resize_optimizer_state,
+                                   resize_tree)
+
+    events = parse_events(s.cfg.events)
+    old, new = s.workers.world_size, live_workers(s.cfg.workers, events, done)
+    if new == old:
+        return s
+    s.opt.finish_syncs()
+    checkpoint_state = None
+    if s.cfg.join_states == "checkpoint" and new > old:
+        if last_ckpt > 0:
+            checkpoint_state = s.run.load_checkpoint(0, last_ckpt)["optimizer"]["inner"]["state"]
+        else:
+            import warnings
+
+            from desloc.errors import DeslocWarning
+
+            warnings.warn(f"--join-states checkpoint: no checkpoint before step {done}; the joining workers get "
+                          "the current averaged states", DeslocWarning)
+    ns = build(s.cfg, s.run, s.backend, s.device, None, world_size=new, corpus=s.corpus)
+    ns.workers.load_model_state(resize_tree(s.workers.model_state(), old, new))
+    ns.opt.load_state_dict(resize_optimizer_state(s.opt.state_dict(), old, new, s.cfg.join_states, checkpoint_state))
+    ns.sched.load_state_dict(s.sched.state_dict())
+    ns.clock.load_state_dict(resize_clock_state(s.clock.state_dict(), old, new))
+    if ns.workers.is_main:
+        print(f"[{s.cfg.method.name}] step {done}: {old} -> {new} workers", file=sys.stderr, flush=True)
+    return ns
 
 
 # ----------------------------------------------------------------------------------- restore
@@ -222,7 +265,7 @@ def log_row(s: Session, done: int, stats, active: list[bool], lr: float, val: li
     row = {"step": done, "train_loss": mean["train_loss"] / share if share else None,
            "val_loss": mean.get("val_loss"), "lr": lr,
            "grad_norm": mean["grad_norm"] / share if share else None, "param_norm": mean["param_norm"],
-           "tokens": done * s.tokens_per_step, "bytes_sent": summary["bytes_sent"],
+           "tokens": s.tokens_through(done), "workers": s.workers.world_size, "bytes_sent": summary["bytes_sent"],
            "bytes_by_state": summary["bytes_by_state"], "elapsed_s": elapsed,
            "modeled_time_s": s.clock.now}
     return row, {"nonfinite": mean["nonfinite"], "first_bad": bad or done, "stop": mean["stop"]}
@@ -232,12 +275,13 @@ def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> d
     cfg, comm = s.cfg, s.opt.comm_summary()
     return {
         "status": "complete" if steps == cfg.steps else "partial",
-        "method": cfg.method.name, "inner": cfg.inner.name, "workers": cfg.workers, "steps": steps,
-        "backend": s.backend, "model": cfg.model, "params": s.n_params, "tokens": steps * s.tokens_per_step,
+        "method": cfg.method.name, "inner": cfg.inner.name, "workers": cfg.workers,
+        "workers_final": s.workers.world_size, "steps": steps,
+        "backend": s.backend, "model": cfg.model, "params": s.n_params, "tokens": s.tokens_through(steps),
         "final_val_loss": val_loss, "final_val_ppl": math.exp(val_loss) if val_loss is not None else None,
         "bytes_sent": comm["bytes_sent"], "bytes_by_state": comm["bytes_by_state"],
         "ddp_equivalent_bytes": comm["ddp_equivalent_bytes"], "ratio_vs_ddp": comm["ratio_vs_ddp"],
-        "wall_time_s": elapsed, "tokens_per_s": steps * s.tokens_per_step / max(elapsed, 1e-9),
+        "wall_time_s": elapsed, "tokens_per_s": s.tokens_through(steps) / max(elapsed, 1e-9),
         "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
         **time_summary(s, steps),
         **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
@@ -340,7 +384,7 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
         stats = workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=step, measure=is_log,
                                          idle=sitting_out)
         health.observe(stats.losses, done, active)
-        s.clock.local_step([w for w in range(cfg.workers) if w not in sitting_out])
+        s.clock.local_step([w for w in range(workers.world_size) if w not in sitting_out])
         lr = s.sched.get_last_lr()[0]
         s.opt.step()
         if done == cfg.steps:
@@ -363,6 +407,12 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
                 _report(s, bar, show, row, start, elapsed - elapsed_before, is_eval)
         elif workers.engine == "sim":
             stop_signal = stop.signum  # one process: no need to agree
+        if cfg.events and done < cfg.steps:  # workers join or leave from the next step on
+            s = apply_membership(s, done, last_ckpt)
+            if s.workers is not workers:
+                workers = s.workers
+                if dynamics is not None:
+                    dynamics.previous = {}
         bar.update(1)
         if done % cfg.ckpt_every == 0 or done == end or stop_signal is not None:
             if not state_is_finite(s):

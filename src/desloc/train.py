@@ -57,6 +57,8 @@ class TrainConfig:
     backend: str = "auto"
     time: TimeConfig = field(default_factory=TimeConfig)  # how time is modeled (desloc.timing)
     state_dynamics: bool = False  # log each state's relative change and spread (DES-LOC Fig. 2)
+    events: str | None = None  # simulator membership events, e.g. "16:add=4,48:drop=2" (desloc.membership)
+    join_states: str = "average"  # a joining worker's optimizer states: average | zeros | checkpoint
     bf16: bool = False
     device: str = "auto"
 
@@ -104,12 +106,33 @@ class TrainConfig:
             except (RuntimeError, TypeError):
                 raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
         self._check_method_inner()
+        self._check_events()
         for name in ("worker_speeds", "link_speeds"):
             values = getattr(self.time, name)
             if values is not None and len(values) != self.workers:
                 raise ConfigError(f"--{name.replace('_', '-')} needs one factor per worker ({self.workers}), got "
                                   f"{len(values)}: {values}; e.g. --{name.replace('_', '-')} "
                                   + ",".join(["1"] * (self.workers - 1) + ["0.25"]))
+
+    def _check_events(self) -> None:
+        from desloc.membership import JOIN_POLICIES, check_events, parse_events
+
+        if self.join_states not in JOIN_POLICIES:
+            raise ConfigError(f"join_states (--join-states) must be one of {', '.join(JOIN_POLICIES)}, got "
+                              f"{self.join_states!r}")
+        events = parse_events(self.events)
+        if not events:
+            return
+        check_events(self.workers, events, self.steps)
+        if self.backend in ("gloo", "nccl"):
+            raise ConfigError("--events changes the workers of a simulator run; with torchrun a worker that dies "
+                              "stops the run (continue with --resume). Drop --events or use --backend sim")
+        if METHODS[self.method.name].gossips:
+            raise ConfigError("--events needs a method that all-reduces: gasloc's per-worker local steps and gossip "
+                              "graph are planned for a fixed number of workers")
+        if self.time.worker_speeds is not None or self.time.link_speeds is not None:
+            raise ConfigError("--events with --worker-speeds / --link-speeds: the joining workers' speeds are not "
+                              "given; drop one of them")
 
     def _check_method_inner(self) -> None:
         """The method and the inner optimizer must fit together (else a flag is silently ignored)."""
@@ -312,6 +335,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
     """
     check_resources(cfg)
     backend = _resolve_backend(cfg)
+    if cfg.events and backend != "sim":
+        raise ConfigError("--events changes the workers of a simulator run; under torchrun a worker that dies stops "
+                          "the run (continue with --resume). Drop --events or run the simulator")
     is_main = backend == "sim" or int(os.environ.get("RANK", "0")) == 0
     run = RunDir(out, quiet=not is_main)
     if is_main:
@@ -322,7 +348,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
             run.start_fresh(cfg.to_dict(), overwrite)
         with loop.StopOnSignal(announce=is_main) as stop:
             comm = _init_process_comm(cfg, backend, timeout_s) if backend != "sim" else None
-            session = loop.build(cfg, run, backend, _device(cfg, backend), comm)
+            from desloc.membership import live_workers, parse_events
+
+            live = live_workers(cfg.workers, parse_events(cfg.events), start_step or 0)  # a resume replays events
+            session = loop.build(cfg, run, backend, _device(cfg, backend), comm, world_size=live)
             start, elapsed_before = loop.restore(session, start_step)
             return loop.run_loop(session, start, elapsed_before, stop_after, progress, stop)
     finally:

@@ -1,0 +1,158 @@
+r"""Workers that join and leave: the simulator's membership events.
+
+``--events "16:add=4,48:drop=2"``: after step 16 four workers join, after step 48 the two
+highest-numbered workers leave. Step t (0-based) is computed by
+
+    live(t) = M_0 + sum(+count for add, -count for drop over events with event.step <= t)
+
+workers; every average, the clock and the ledger count the live workers only, and the training
+data is split afresh among them (``WorkerStreams`` with the new M). A joining worker starts from
+the current average of the live workers' parameters (with an outer optimizer, the common anchor
+and the averaged outer momentum) and, for its optimizer states, from ``--join-states``:
+
+    average      the current average of the live workers' states (default)
+    zeros        fresh states (all zero; scalar counters such as Adam's step stay shared)
+    checkpoint   the average of the states in the last checkpoint (DES-LOC's "copy the averaged
+                 momenta"); the current average when no checkpoint exists yet (with a warning)
+
+Syncs still in flight (overlapped state syncs, a delayed parameter average) are finished before
+the change. A checkpoint holds the live workers of its step; ``--resume`` rebuilds that many and
+replays the events that follow, so a run resumed across an event is bitwise the uninterrupted
+one. Membership events need the simulator (with torchrun, a worker that dies stops the run:
+README) and a method that all-reduces (not gasloc, whose per-worker local steps and gossip
+graph are planned for a fixed M).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from desloc.errors import ConfigError
+
+JOIN_POLICIES = ("average", "zeros", "checkpoint")
+_EVENT = re.compile(r"^\s*(\d+)\s*:\s*(add|drop)\s*=\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Event:
+    step: int  # applied after this many steps
+    op: str  # "add" | "drop"
+    count: int
+
+    @property
+    def delta(self) -> int:
+        return self.count if self.op == "add" else -self.count
+
+
+def parse_events(spec: str | None) -> tuple[Event, ...]:
+    """``"16:add=4,48:drop=2"`` -> events in step order ('' or None: none)."""
+    if not spec:
+        return ()
+    events = []
+    for part in str(spec).split(","):
+        m = _EVENT.match(part)
+        if not m:
+            raise ConfigError(f"events: cannot read {part.strip()!r} in {spec!r}; write STEP:add=N or STEP:drop=N, "
+                              "comma-separated, e.g. --events 16:add=4,48:drop=2")
+        step, op, count = int(m.group(1)), m.group(2), int(m.group(3))
+        if step < 1 or count < 1:
+            raise ConfigError(f"events: {part.strip()!r} needs a step >= 1 and a count >= 1")
+        events.append(Event(step, op, count))
+    steps = [e.step for e in events]
+    if steps != sorted(steps) or len(set(steps)) != len(steps):
+        raise ConfigError(f"events: {spec!r} must list one event per step, in increasing step order")
+    return tuple(events)
+
+
+def live_workers(initial: int, events: Sequence[Event], step: int) -> int:
+    """Workers that compute step ``step`` (0-based; = live after ``step`` steps are done)."""
+    return initial + sum(e.delta for e in events if e.step <= step)
+
+
+def worker_steps(initial: int, events: Sequence[Event], done: int) -> int:
+    """Sum over steps 0 .. done-1 of the live workers (tokens = this x batch x context)."""
+    total, m, last = 0, initial, 0
+    for e in events:
+        if e.step >= done:
+            break
+        total += m * (e.step - last)
+        m += e.delta
+        last = e.step
+    return total + m * (done - last)
+
+
+def check_events(initial: int, events: Sequence[Event], steps: int) -> None:
+    m = initial
+    for e in events:
+        if e.step >= steps:
+            raise ConfigError(f"events: the event at step {e.step} would never happen (the run has {steps} steps); "
+                              f"use a step below {steps}")
+        m += e.delta
+        if m < 1:
+            raise ConfigError(f"events: after step {e.step} no worker would be left ({initial} at the start); "
+                              "drop fewer workers")
+
+
+# ------------------------------------------------------------------------------ resize states
+def _rows(t: torch.Tensor, old: int, new: int, fill: torch.Tensor | None) -> torch.Tensor:
+    """A stacked [old, ...] tensor as [new, ...]: the first min(old, new) rows, then ``fill`` rows."""
+    kept = t[: min(old, new)]
+    if new <= old:
+        return kept.clone()
+    fill = (t.float().mean(0) if fill is None else fill).to(t.dtype)
+    return torch.cat([kept, fill.unsqueeze(0).expand(new - old, *t.shape[1:])]).contiguous()
+
+
+def _stacked(t: Any, old: int) -> bool:
+    return torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] == old
+
+
+def resize_tree(tree: Any, old: int, new: int) -> Any:
+    """Every stacked tensor in a nested dict / list: joiners get the average of the live rows."""
+    if isinstance(tree, dict):
+        return {k: resize_tree(v, old, new) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(resize_tree(v, old, new) for v in tree)
+    return _rows(tree, old, new, None) if _stacked(tree, old) else tree
+
+
+def resize_optimizer_state(sd: dict[str, Any], old: int, new: int, policy: str,
+                           checkpoint_state: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """A simulator SyncedOptimizer state_dict of ``old`` workers as one of ``new`` workers."""
+    if policy not in JOIN_POLICIES:
+        raise ConfigError(f"join_states must be one of {JOIN_POLICIES}, got {policy!r}")
+    state = {}
+    for idx, per_param in sd["inner"]["state"].items():
+        out = {}
+        for name, t in per_param.items():
+            if not _stacked(t, old):
+                out[name] = t  # scalar counters: shared by every worker
+                continue
+            fill = None
+            if policy == "zeros":
+                fill = torch.zeros_like(t[0])
+            elif policy == "checkpoint" and checkpoint_state is not None:
+                fill = checkpoint_state[idx][name].float().mean(0)
+            out[name] = _rows(t, old, new, fill)
+        state[idx] = out
+    meta = dict(sd["desloc"])
+    meta["world_size"] = new
+    meta["ledger"] = {**meta["ledger"], "world_size": new}
+    meta["extra"] = resize_tree(meta.get("extra", {}), old, new)
+    return {"inner": {**sd["inner"], "state": state}, "desloc": meta}
+
+
+def resize_clock_state(state: dict[str, Any], old: int, new: int) -> dict[str, Any]:
+    """Joiners start now (at the latest clock) with no compute behind them and nothing in flight."""
+    now = max(state["time"])
+    keep = min(old, new)
+    pending = state.get("pending", [[] for _ in range(old)])
+    return {"time": list(state["time"][:keep]) + [now] * (new - keep),
+            "compute": list(state["compute"][:keep]) + [0.0] * (new - keep),
+            "link_free": state.get("link_free", 0.0),
+            "pending": [list(p) for p in pending[:keep]] + [[] for _ in range(new - keep)]}
