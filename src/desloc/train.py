@@ -287,8 +287,12 @@ def estimate_sim_memory(cfg: TrainConfig) -> dict[str, int]:
     per_worker = n_params * (2 + states) * 4
     tokens = cfg.batch_size * cfg.context
     activations = tokens * (16 * mcfg.n_layer * mcfg.n_embd + 3 * mcfg.vocab_size) * 4
+    from desloc.membership import live_workers, parse_events
+
+    events = parse_events(cfg.events)
+    most = max([cfg.workers] + [live_workers(cfg.workers, events, e.step) for e in events])  # at the peak
     return {"params": n_params, "states": states, "per_worker": per_worker, "activations": activations,
-            "total": cfg.workers * per_worker + n_params * 4 + activations}
+            "total": most * per_worker + n_params * 4 + activations}
 
 
 def check_resources(cfg: TrainConfig) -> None:
