@@ -24,6 +24,7 @@ import torch
 
 from desloc.algorithms import MethodConfig, build_method
 from desloc.comm import SimulatedComm
+from desloc.comm.base import Communicator
 from desloc.errors import ConfigError
 from desloc.optim import InnerConfig
 from desloc.timing import NetworkProfile, TimeModel, VirtualClock
@@ -272,3 +273,23 @@ def test_clock_hides_overlapped_traffic_behind_compute():
     restored = VirtualClock(model)
     restored.load_state_dict(clock.state_dict())
     assert restored.state_dict() == clock.state_dict()
+
+
+class ListOnlyComm(SimulatedComm):
+    """A user's communicator that implements all_reduce_mean only (no flat all-reduces)."""
+
+    _reduce_flat = Communicator._reduce_flat
+
+
+def test_a_communicator_without_flat_all_reduces_gets_the_copying_path():
+    reference = wl.run_simulated("desloc", "adamw", M, sync={"zero_copy": False})
+    replicas = wl.StackedReplicas(wl.make_model(), M)
+    icfg = wl.inner_config("adamw")
+    opt = build_method(wl.method_config("desloc", M), icfg.build(replicas.parameters()), ListOnlyComm(M),
+                       icfg.state_roles())
+    assert not opt.zero_copy and not opt.overlap
+    wl.train_sim(replicas, opt, 0, wl.STEPS)
+    _same(reference, wl.snapshot_sim(replicas, opt), "list-only communicator")
+    with pytest.raises(ConfigError, match="flat all-reduces"):
+        build_method(MethodConfig("desloc", period_x=4, param_delay=1), icfg.build(replicas.parameters()),
+                     ListOnlyComm(M), icfg.state_roles())

@@ -20,7 +20,8 @@ flat buffers (:mod:`desloc.algorithms.flat`) -- parameters at construction, stat
 exist (after the first step, and again after ``load_state_dict``, which allocates fresh
 tensors) -- and a sync all-reduces the buffers in place. ``zero_copy=False`` keeps the tensors
 where they are and hands lists to ``all_reduce_mean`` (copied into buckets and back): the
-reference the zero-copy path is tested against, bit for bit.
+reference the zero-copy path is tested against, bit for bit, and the path taken with a
+communicator that implements only ``all_reduce_mean``.
 
 Overlapped state syncs (``overlap=True``, the default): a sync whose result is first read by the
 next inner step (an optimizer state averaged after step t) is left in flight and waited for at
@@ -82,7 +83,10 @@ class SyncedOptimizer(torch.optim.Optimizer):
         self.clip_rho = None if clip_rho is None else float(clip_rho)
         self.global_step = 0
         self.schedule = SyncSchedule()
-        self.zero_copy = bool(zero_copy)
+        # A communicator without flat all-reduces (e.g. a user's own, implementing all_reduce_mean
+        # only) gets the copying path: tensor lists through all_reduce_mean, blocking.
+        flat_capable = type(comm)._reduce_flat is not Communicator._reduce_flat
+        self.zero_copy = bool(zero_copy) and flat_capable
         self.overlap = bool(overlap) and self.zero_copy
         self._flat: dict[str, FlatGroup] = {}
         self._in_flight: list[PendingReduce] = []  # state syncs to finish before the next inner step
