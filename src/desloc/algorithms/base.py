@@ -85,8 +85,7 @@ class SyncedOptimizer(torch.optim.Optimizer):
         self.schedule = SyncSchedule()
         # A communicator without flat all-reduces (e.g. a user's own, implementing all_reduce_mean
         # only) gets the copying path: tensor lists through all_reduce_mean, blocking.
-        flat_capable = type(comm)._reduce_flat is not Communicator._reduce_flat
-        self.zero_copy = bool(zero_copy) and flat_capable
+        self.zero_copy = bool(zero_copy) and comm.has_flat_all_reduce
         self.overlap = bool(overlap) and self.zero_copy
         self._flat: dict[str, FlatGroup] = {}
         self._in_flight: list[PendingReduce] = []  # state syncs to finish before the next inner step

@@ -112,13 +112,13 @@ class DesLoc(SyncedOptimizer):
         if isinstance(param_delay, bool) or not isinstance(param_delay, int) or not 0 <= param_delay < period_x:
             raise ConfigError(f"param_delay (--param-delay) must be an integer in [0, K_x={period_x}), got "
                               f"{param_delay!r}; 0 = blocking parameter sync, e.g. {min(4, period_x - 1)}")
-        if param_delay and not (zero_copy and type(comm)._reduce_flat is not Communicator._reduce_flat):
-            raise ConfigError("param_delay needs the zero-copy sync path (zero_copy=True and a communicator with "
-                              "flat all-reduces, as SimulatedComm and TorchDistComm)")
         for name, period in state_periods.items():
             check_period(f"state_periods[{name!r}]", period, allow_none=True)
         super().__init__(inner, comm, clip_rho=clip_rho, assume_elementwise=assume_elementwise,
                          zero_copy=zero_copy, overlap=overlap)
+        if param_delay and not self.zero_copy:
+            raise ConfigError("param_delay needs the zero-copy sync path (zero_copy=True and a communicator with "
+                              "flat all-reduces, as SimulatedComm and TorchDistComm)")
         self.param_delay = param_delay
         self.delayed: DelayedParams | None = None
         self.period_x = period_x

@@ -119,6 +119,14 @@ class Communicator(ABC):
         self._record_all_reduce(buffers, tags, hidden)
         return self._reduce_flat(list(buffers), hidden)
 
+    @property
+    def has_flat_all_reduce(self) -> bool:
+        """Whether this communicator implements :meth:`all_reduce_mean_flat` (both engines do; a
+        user's communicator with ``all_reduce_mean`` only gets the copying sync path)."""
+        cls = type(self)
+        return (cls._reduce_flat is not Communicator._reduce_flat
+                or cls.all_reduce_mean_flat is not Communicator.all_reduce_mean_flat)
+
     def _check_flat(self, buffer: torch.Tensor) -> None:
         if buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError(f"a flat buffer is 1-D and contiguous, got shape {tuple(buffer.shape)} "

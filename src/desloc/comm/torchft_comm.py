@@ -77,6 +77,3 @@ class TorchftComm(Communicator):
         if buffers and self._all_or_nothing(list(buffers)):
             self._record_all_reduce(buffers, tags)
         return [PendingReduce(b) for b in buffers]
-
-    def _reduce_flat(self, buffers: list[torch.Tensor], hidden: list[int]) -> list[PendingReduce]:
-        raise AssertionError("all_reduce_mean_flat is overridden")  # pragma: no cover
