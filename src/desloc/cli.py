@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -370,7 +371,46 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="replace the desloc run already in --out (by default a non-empty --out is refused)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of this invocation (checkpointed; continue with --resume)")
+    ft = p.add_argument_group("fault tolerance (torchft, optional extra: pip install -e '.[ft]'; README "
+                              "'Elastic and fault-tolerant training')")
+    ft.add_argument("--ft", action="store_true", help="this process is one worker (a torchft replica group) of a "
+                    "fault-tolerant job: peers may die, restart or join; records in --out/replica<i>")
+    ft.add_argument("--replica-id", type=int, default=argparse.SUPPRESS,
+                    help="--ft: this worker's index in 0..workers-1 (its data shard)")
+    ft.add_argument("--lighthouse", default=argparse.SUPPRESS,
+                    help="--ft: the Lighthouse's HOST:PORT (default 127.0.0.1:29510; desloc ft-lighthouse starts one)")
+    ft.add_argument("--ft-timeout", type=float, default=argparse.SUPPRESS,
+                    help="--ft: seconds a collective, commit or state transfer may take (default 60)")
+    ft.add_argument("--ft-quorum-timeout", type=float, default=argparse.SUPPRESS,
+                    help="--ft: seconds to wait for peers at a round (default 900)")
+    ft.add_argument("--ft-min-replicas", type=int, default=argparse.SUPPRESS,
+                    help="--ft: commit a round only with at least this many participants (default 1)")
     p.set_defaults(func=_cmd_train)
+
+
+_FT_FLAGS = {"replica_id": "replica_id", "lighthouse": "lighthouse", "ft_timeout": "timeout_s",
+             "ft_quorum_timeout": "quorum_timeout_s", "ft_min_replicas": "min_replicas"}
+
+
+def _ft_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    given = {field: getattr(args, flag) for flag, field in _FT_FLAGS.items() if hasattr(args, flag)}
+    if not getattr(args, "ft", False):
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in _FT_FLAGS if hasattr(args, f))
+            raise ConfigError(f"{flags} only apply to a fault-tolerant worker; add --ft (README 'Elastic and "
+                              "fault-tolerant training')")
+        return None
+    if "replica_id" not in given:
+        env = os.environ.get("REPLICA_GROUP_ID", "")
+        if not env.isdigit():
+            raise ConfigError("--ft needs --replica-id I (this worker's index in 0..workers-1), or REPLICA_GROUP_ID "
+                              "in the environment")
+        given["replica_id"] = int(env)
+    if "lighthouse" not in given and os.environ.get("TORCHFT_LIGHTHOUSE"):
+        given["lighthouse"] = os.environ["TORCHFT_LIGHTHOUSE"]
+    from desloc.ft import FtConfig
+
+    return {**dataclasses.asdict(FtConfig()), **given}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -383,12 +423,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stop-after must be >= 1 (steps to run in this invocation), got {args.stop_after}; "
                           "drop it to train to --steps")
     _check_timeout(args)
+    ft = _ft_config(args)
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
+        from desloc.ft import replica_dir
         from desloc.train import TrainConfig
 
-        saved = TrainConfig.from_dict(RunDir(args.out).read_config()).to_dict()  # older runs: new fields' defaults
+        saved_dir = args.out if ft is None else replica_dir(args.out, ft["replica_id"])
+        saved = TrainConfig.from_dict(RunDir(saved_dir).read_config()).to_dict()  # older runs: new fields' defaults
         cfg = _train_config(args, base=json.loads(json.dumps(saved)))
         if cfg.to_dict() != saved:
             changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
@@ -397,9 +440,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         import os
 
-        if os.environ.get("WORLD_SIZE", "").isdigit() and not hasattr(args, "workers"):
+        if os.environ.get("WORLD_SIZE", "").isdigit() and not hasattr(args, "workers") and ft is None:
             args.workers = int(os.environ["WORLD_SIZE"])  # under torchrun: one worker per process
-        cfg = _train_config(args)
+        cfg = _train_config(args, ft=ft)
         _refuse_unused(_unused_flags(args, cfg), f"by --method {cfg.method.name} (inner {cfg.inner.name})")
         _check_sync_happens(cfg)
     out = args.out or _default_out("train")  # train() checks the engine, device and memory first
@@ -411,8 +454,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         keys = ("method", "workers", "steps", "tokens", "final_val_loss", "final_val_ppl", "bytes_sent",
                 "ratio_vs_ddp", "wall_time_s", "network", "modeled_time_s", "speedup_vs_ddp_modeled")
         print(dumps({k: summary[k] for k in keys}, indent=2))
+        if cfg.ft is not None:
+            from desloc.ft import replica_dir
+
+            out = replica_dir(out, cfg.ft.replica_id)
         print(f"records: {out}/ (config.json, metrics.jsonl, summary.json, loss.png, loss_vs_bytes.png, "
-              "loss_vs_time.png)",
+              "loss_vs_time.png" + (", ft.jsonl)" if cfg.ft is not None else ")"),
               file=sys.stderr)
     return 0
 
@@ -605,7 +652,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=_cmd_methods)
+    _add_ft_lighthouse(sub)
     return parser
+
+
+def _add_ft_lighthouse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ft-lighthouse", help="run the torchft Lighthouse that `desloc train --ft` workers join",
+                       description="Decides which workers of a fault-tolerant job are in each round (torchft; "
+                       "optional extra: pip install -e '.[ft]'). Runs until Ctrl-C / SIGTERM.")
+    p.add_argument("--bind", default="127.0.0.1:29510",
+                   help="HOST:PORT to listen on (default 127.0.0.1:29510, this machine only; 0.0.0.0:PORT for "
+                   "workers on other hosts)")
+    p.add_argument("--min-replicas", type=int, default=2,
+                   help="a round needs at least this many workers (default 2)")
+    p.add_argument("--heartbeat-timeout-ms", type=int, default=5000,
+                   help="a worker silent this long is dead: the others' next round goes on without it (default 5000)")
+    p.add_argument("--join-timeout-ms", type=int, default=60000,
+                   help="how long a round waits for a live worker that has not asked to join (default 60000)")
+    p.set_defaults(func=_cmd_ft_lighthouse)
+
+
+def _cmd_ft_lighthouse(args: argparse.Namespace) -> int:
+    from desloc.ft import lighthouse_main
+
+    for name in ("min_replicas", "heartbeat_timeout_ms", "join_timeout_ms"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if ":" not in args.bind:
+        raise ConfigError(f"--bind must be HOST:PORT, e.g. 127.0.0.1:29510, got {args.bind!r}")
+    return lighthouse_main(args.bind, args.min_replicas, args.join_timeout_ms, args.heartbeat_timeout_ms)
 
 
 def _route_warnings() -> None:

@@ -29,7 +29,7 @@ from desloc.data import Corpus, WorkerStreams
 from desloc.errors import CheckpointMismatchError, DivergenceError, Interrupted
 from desloc.model import GPT
 from desloc.records import RunDir, plot_run
-from desloc.workers import ProcessWorkers, SimWorkers
+from desloc.workers import FtWorkers, ProcessWorkers, SimWorkers
 
 
 class StopOnSignal:
@@ -77,6 +77,16 @@ class Session:
     n_params: int
     time_model: TimeModel
     clock: VirtualClock
+    ft: Any = None  # desloc.ft.FtRuntime under --ft
+
+    @property
+    def ckpt_rank(self) -> int:
+        """This process's checkpoint file: one per run directory in the simulator and under --ft."""
+        return 0 if self.backend in ("sim", "torchft") else self.rank
+
+    @property
+    def ckpt_ranks(self) -> int:
+        return 1 if self.backend in ("sim", "torchft") else self.workers.world_size
 
     @property
     def device_type(self) -> str:
@@ -100,13 +110,14 @@ class Session:
 
 # ------------------------------------------------------------------------------------- build
 def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | None = None,
-          corpus: Corpus | None = None) -> Session:
+          corpus: Corpus | None = None, ft=None) -> Session:
     """Data, model, workers, the method's optimizer and the LR schedule, on either engine.
-    ``world_size``: the simulator's live workers when membership events changed them."""
+    ``world_size``: the simulator's live workers when membership events changed them; ``ft``: the
+    torchft runtime (``--ft``), whose communicator is ``comm``."""
     from desloc.train import lr_factor
 
     m = cfg.workers if world_size is None else world_size
-    corpus = corpus if corpus is not None else _prepare_corpus(cfg, comm)
+    corpus = corpus if corpus is not None else _prepare_corpus(cfg, comm if ft is None else None)
     torch.manual_seed(cfg.seed)
     streams = WorkerStreams(corpus, cfg.data, m, cfg.context, cfg.batch_size, cfg.seed)
     val_batches = streams.val_batches(cfg.eval_batches)  # both check the text's size: before allocating
@@ -118,18 +129,25 @@ def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | N
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         method = dataclasses.replace(method, local_steps=auto_local_steps(time_model, method.period_x,
                                                                           param_bytes, method.topology))
-    workers = SimWorkers(model, m) if comm is None else ProcessWorkers(model, comm)
+    if comm is None:
+        workers = SimWorkers(model, m)
+    else:
+        workers = ProcessWorkers(model, comm) if ft is None else FtWorkers(model, comm)
     inner = cfg.inner.build(workers.parameters())
     opt = build_method(method, inner, workers.comm, cfg.inner.state_roles())
     clock = VirtualClock(time_model)
     workers.comm.add_listener(clock)  # the clock hears every call the ledger counts
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    return Session(cfg, run, backend, device, corpus, streams, val_batches, workers, opt, sched, n_params,
-                   time_model, clock)
+    session = Session(cfg, run, backend, device, corpus, streams, val_batches, workers, opt, sched, n_params,
+                      time_model, clock, ft)
+    if ft is not None:
+        ft.attach(session)
+    return session
 
 
 def _prepare_corpus(cfg, comm) -> Corpus:
-    """Rank 0 builds the tokenizer and token cache; the other ranks then load it."""
+    """Rank 0 builds the tokenizer and token cache; the other ranks then load it. (Under --ft each
+    worker prepares it itself: the cache is written atomically.)"""
     if comm is not None and comm.rank != 0:
         comm.barrier()
     corpus = Corpus.prepare(cfg.data, progress=False)
@@ -178,29 +196,47 @@ def restore(s: Session, start_step: int | None) -> tuple[int, float]:
         if s.workers.is_main and s.run.read_metrics():
             s.run.truncate_metrics(0)  # --resume of a run that crashed before its first checkpoint
         return 0, 0.0
-    ckpt = s.run.load_checkpoint(s.rank, start_step)
+    ckpt = s.run.load_checkpoint(s.ckpt_rank, start_step)
     if ckpt["data_fingerprint"] != s.corpus.fingerprint:
         raise CheckpointMismatchError("checkpoint was trained on different data or tokenizer "
                                       f"({ckpt['data_fingerprint']} vs {s.corpus.fingerprint})")
-    s.workers.load_model_state(ckpt["model"])
-    s.opt.load_state_dict(ckpt["optimizer"])
-    s.sched.load_state_dict(ckpt["scheduler"])
-    if "clock" in ckpt:
-        s.clock.load_state_dict(ckpt["clock"])
+    load_state(s, ckpt)
     if s.workers.is_main:
         s.run.truncate_metrics(ckpt["step"])
     return ckpt["step"], ckpt["elapsed_s"]
 
 
-def checkpoint(s: Session, step: int, elapsed: float) -> None:
+def load_state(s: Session, ckpt: dict[str, Any]) -> None:
+    """Model, optimizer (states, step, ledger, outer state), LR schedule and clock from a checkpoint
+    (or, under --ft, from a peer: the same dict)."""
+    s.workers.load_model_state(ckpt["model"])
+    optimizer = ckpt["optimizer"]
+    if s.backend == "torchft":  # the participants change from round to round
+        optimizer = {**optimizer, "desloc": {**optimizer["desloc"], "world_size": s.workers.comm.world_size}}
+    s.opt.load_state_dict(optimizer)
+    s.sched.load_state_dict(ckpt["scheduler"])
+    if "clock" in ckpt:
+        s.clock.load_state_dict(ckpt["clock"])
+    if "torchft" in ckpt and s.ft is not None and s.ft.healed is None:
+        s.ft.manager.load_state_dict(ckpt["torchft"])  # own checkpoint: rounds committed so far
+
+
+def checkpoint_state(s: Session, step: int, elapsed: float) -> dict[str, Any]:
+    """Everything a run needs to continue after ``step`` (a checkpoint; under --ft, what a peer gets)."""
     state = {"step": step, "elapsed_s": elapsed, "data_fingerprint": s.corpus.fingerprint,
              "model": s.workers.model_state(), "optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(),
              "clock": s.clock.state_dict()}
-    s.run.save_checkpoint(step, s.rank, state)
-    if s.backend != "sim":
+    if s.ft is not None:
+        state["torchft"] = s.ft.manager.state_dict()
+    return state
+
+
+def checkpoint(s: Session, step: int, elapsed: float) -> None:
+    s.run.save_checkpoint(step, s.ckpt_rank, checkpoint_state(s, step, elapsed))
+    if s.backend not in ("sim", "torchft"):
         s.workers.comm.barrier()
     if s.workers.is_main:
-        s.run.publish_checkpoint(step, ranks=1 if s.backend == "sim" else s.workers.world_size)
+        s.run.publish_checkpoint(step, ranks=s.ckpt_ranks)
 
 
 # -------------------------------------------------------------------------------------- step
@@ -374,14 +410,29 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
     health = Health()
     dynamics = StateDynamics(s) if cfg.state_dynamics else None
     val_loss, stop_signal, last_ckpt = None, None, start
-    for step in range(start, end):
+    ft = s.ft
+    step = start
+    if ft is not None:  # join the job; a worker that is behind continues from a peer's step
+        step = ft.start(s, start)
+        last_ckpt = step
+        bar.n = step
+    while step < end:
+        if ft is not None:
+            ft.elapsed = elapsed_before + time.perf_counter() - t0
+            healed_to = ft.before_step(s, step)  # opens the round of a step that syncs
+            if healed_to != step:
+                step, last_ckpt = healed_to, healed_to
+                bar.n = step
+                if step >= end:
+                    break
         done = step + 1
+        step = done  # the loop's counter; ``step`` below means this step's index (done - 1)
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         is_log = done % cfg.log_every == 0 or is_eval
         sitting_out = s.opt.sitting_out()  # GASLoC's idle workers compute nothing this step
         active = [m not in sitting_out for m in workers.local_workers]
-        batches = [s.streams.batch(m, step) for m in workers.local_workers]
-        stats = workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=step, measure=is_log,
+        batches = [s.streams.batch(m, done - 1) for m in workers.local_workers]
+        stats = workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=done - 1, measure=is_log,
                                          idle=sitting_out)
         health.observe(stats.losses, done, active)
         s.clock.local_step([w for w in range(workers.world_size) if w not in sitting_out])
@@ -426,11 +477,15 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - t0
     result = summary(s, end, val_loss, elapsed)
+    if ft is not None:
+        result["ft"] = ft.summary()
     if workers.is_main:
         if end == cfg.steps:
             s.run.write_summary(result)
         plot_run(s.run.path, s.run.read_metrics(), title)
-    if s.backend != "sim":
+    if ft is not None:
+        ft.shutdown()
+    elif s.backend != "sim":
         from desloc.comm.torch_dist import shutdown
 
         workers.comm.barrier()

@@ -21,6 +21,7 @@ import torch
 from desloc import loop
 from desloc.algorithms import METHODS, MethodConfig
 from desloc.data import DataConfig
+from desloc.ft import FtConfig
 from desloc.errors import (CheckpointMismatchError, ConfigError, RunComplete,
                            RunDirError, check_finite)
 from desloc.model import GPT, GPTConfig
@@ -61,6 +62,7 @@ class TrainConfig:
     join_states: str = "average"  # a joining worker's optimizer states: average | zeros | checkpoint
     bf16: bool = False
     device: str = "auto"
+    ft: FtConfig | None = None  # --ft: this worker is a torchft replica group (desloc.ft)
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every"):
@@ -107,6 +109,7 @@ class TrainConfig:
                 raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
         self._check_method_inner()
         self._check_events()
+        self._check_ft()
         for name in ("worker_speeds", "link_speeds"):
             values = getattr(self.time, name)
             if values is not None and len(values) != self.workers:
@@ -133,6 +136,28 @@ class TrainConfig:
         if self.time.worker_speeds is not None or self.time.link_speeds is not None:
             raise ConfigError("--events with --worker-speeds / --link-speeds: the joining workers' speeds are not "
                               "given; drop one of them")
+
+    def _check_ft(self) -> None:
+        if self.ft is None:
+            return
+        if isinstance(self.ft, dict):
+            self.ft = FtConfig(**self.ft)
+        self.ft.check(self.workers)
+        refuse = None
+        if self.events:
+            refuse = "--events schedules membership in the simulator; under --ft workers join and leave for real"
+        elif METHODS[self.method.name].gossips:
+            refuse = "gasloc gossips with chosen peers, which torchft's quorum all-reduce does not offer"
+        elif self.method.param_delay:
+            refuse = (f"--param-delay {self.method.param_delay} keeps an average in flight across steps, which a "
+                      "worker healing from a peer could not receive; use --param-delay 0")
+        elif self.backend not in ("auto", "gloo"):
+            refuse = f"--backend {self.backend}: --ft runs its own torchft gloo process group; drop --backend"
+        elif self.device != "auto" and torch.device(self.device).type != "cpu":
+            refuse = (f"--device {self.device}: --ft is built and tested on CPU (torchft's gloo process group); "
+                      "use --device cpu")
+        if refuse:
+            raise ConfigError(f"--ft: {refuse}")
 
     def _check_method_inner(self) -> None:
         """The method and the inner optimizer must fit together (else a flag is silently ignored)."""
@@ -183,8 +208,10 @@ class TrainConfig:
         unknown = [k for k in d if k not in known]
         if unknown:
             raise ConfigError(f"unknown train config field(s) {unknown}; fields are {sorted(known)}")
+        ft = d.pop("ft", None)
         return cls(method=MethodConfig(**d.pop("method", {})), inner=InnerConfig(**d.pop("inner", {})),
-                   data=DataConfig(**d.pop("data", {})), time=TimeConfig(**d.pop("time", {})), **d)
+                   data=DataConfig(**d.pop("data", {})), time=TimeConfig(**d.pop("time", {})),
+                   ft=FtConfig(**ft) if ft else None, **d)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -337,6 +364,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
     :class:`DivergenceError` on a non-finite loss or state (nothing non-finite is checkpointed)
     and :class:`Interrupted` after SIGINT / SIGTERM (the current step finishes and is saved).
     """
+    if cfg.ft is not None:
+        return _train_ft(cfg, out, resume, stop_after, progress, overwrite)
     check_resources(cfg)
     backend = _resolve_backend(cfg)
     if cfg.events and backend != "sim":
@@ -362,6 +391,32 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
         run.unlock()
 
 
+def _train_ft(cfg: TrainConfig, out: str | Path, resume: bool, stop_after: int | None, progress: bool | None,
+              overwrite: bool) -> dict[str, Any]:
+    """One worker (replica group ``cfg.ft.replica_id``) of a fault-tolerant job, in ``out/replica<i>``.
+
+    The same command starts it and restarts it after a crash: a directory that already holds this
+    worker's records (same settings) is continued -- from its own latest checkpoint, then from a
+    peer if the job is ahead (:mod:`desloc.ft`)."""
+    from desloc.ft import FtRuntime, replica_dir, require_torchft
+
+    require_torchft()
+    run = RunDir(replica_dir(out, cfg.ft.replica_id))
+    run.lock()
+    try:
+        rejoin = resume or (run.path / "config.json").exists() and not overwrite
+        start_step = _check_run_dir(run, cfg, "torchft") if rejoin else None
+        if not rejoin:
+            run.start_fresh(cfg.to_dict(), overwrite)
+        with loop.StopOnSignal() as stop:
+            ft = FtRuntime(cfg, run.path)
+            session = loop.build(cfg, run, "torchft", "cpu", ft.comm, ft=ft)
+            start, elapsed_before = loop.restore(session, start_step)
+            return loop.run_loop(session, start, elapsed_before, stop_after, progress, stop)
+    finally:
+        run.unlock()
+
+
 def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
     """--resume: the run must exist with the same settings, be unfinished, and keep a checkpoint."""
     saved = TrainConfig.from_dict(run.read_config()).to_dict()  # fields added since: their defaults
@@ -378,8 +433,10 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
         raise RunComplete(f"the run in {run.path} is complete ({cfg.steps} steps, final val loss "
                           f"{summary.get('final_val_loss')}); nothing was changed. To train longer, start a "
                           "new run with more --steps", summary)
-    ranks = [0] if backend == "sim" else list(range(cfg.workers))
+    ranks = [0] if backend in ("sim", "torchft") else list(range(cfg.workers))
     step = run.resume_step(ranks)
+    if step is None and backend == "torchft":
+        return None  # a worker restarted before its first checkpoint: its state comes from a peer
     if step is None and (run.read_metrics() or run.checkpoint_steps()):
         raise RunDirError(f"--resume: no valid checkpoint in {run.ckpt_root}, but the run has records; nothing "
                           "was changed. Start again with --overwrite (this discards them) or choose another --out")

@@ -219,6 +219,28 @@ class ProcessWorkers:
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
 
+class FtWorkers(ProcessWorkers):
+    """This process's one worker of a ``--ft`` job (a torchft replica group): it writes its own run
+    directory and logs its own metrics -- a logging step sends nothing, so a worker never waits
+    for a peer outside the method's syncs. ``world_size`` is the last round's participants."""
+
+    def __init__(self, model: nn.Module, comm: Communicator):
+        super().__init__(model, comm)
+        self.is_main = True
+        self.engine = "torchft"
+
+    @property
+    def world_size(self) -> int:  # type: ignore[override]
+        return self.comm.world_size
+
+    @world_size.setter
+    def world_size(self, value: int) -> None:
+        pass  # follows the communicator
+
+    def mean_over_workers(self, columns: dict[str, list[float]]) -> dict[str, float]:
+        return {k: float(v[0]) for k, v in columns.items()}
+
+
 def _eval_model(model: nn.Module, val_batches, device: str, bf16: bool) -> float:
     was_training = model.training
     model.eval()

@@ -1,26 +1,31 @@
 """A Communicator over a torchft ``Manager`` (optional extra: ``pip install -e '.[ft]'``).
 
-Groundwork for the fault-tolerant engine of issue 11; ``desloc train`` does not use it yet (no
-``--ft`` flag, no launcher, no recovery of a restarted worker through torchft's checkpoint
-transport). What it does, and ``tests/test_torchft_comm.py`` checks with replica groups running
-as threads against a real Lighthouse:
+One desloc worker = one torchft replica group. The engine of ``desloc train --ft``
+(:mod:`desloc.ft` opens the rounds and heals); usable on its own too. What it does, checked by
+``tests/test_torchft_comm.py`` (replica threads, real Lighthouse) and ``tests/test_ft.py``
+(processes, SIGKILL and restart):
 
-* Membership is decided only where something is sent: every call starts a torchft quorum
-  (``start_quorum``), so local steps never wait on the network.
-* The average is over the quorum's live participants: torchft all-reduces with SUM and divides
-  by ``num_participants()``, the arithmetic of the other engines (sum, then divide).
-* A call is all-or-nothing: after the all-reduces, ``should_commit()`` (itself collective) says
-  whether every participant succeeded. If not, every tensor is put back to its value before the
-  call -- the sync is skipped, never half applied -- and ``failed_syncs`` counts it; the ledger
-  records committed calls only.
+* **Rounds.** Membership is decided only where something is sent: a round is a torchft quorum
+  (:meth:`start_round`), opened by :mod:`desloc.ft` at the start of a step whose schedule has a
+  sync (or by the first collective, if nobody opened one), and closed by the commit decision
+  after that step's sync. Local steps never wait on the network.
+* **The average is over the round's participants**: torchft all-reduces with SUM and desloc
+  divides by ``num_participants()``, the arithmetic of the other engines (sum, then divide).
+* **All or nothing.** After the all-reduces, ``should_commit()`` says whether this replica group
+  saw every collective succeed. If not, every tensor is put back to its value before the call --
+  the sync is skipped, never half applied -- ``failed_syncs`` counts it and the ledger does not.
+  torchft decides commits per replica group, so a group that rolled back is one commit behind
+  the others, and the next round heals it from a peer (:mod:`desloc.ft`).
 
-``world_size`` is the last quorum's participant count; ``rank`` this replica's participating rank.
-Overlapped (``hidden_steps > 0``) flat all-reduces complete at once here: the commit decision
-needs them finished, and the numbers are the same.
+``world_size`` is the last round's participant count; ``rank`` this worker's fixed index (its
+data shard and dropout stream: ``--replica-id``), not its place in the quorum. Overlapped
+(``hidden_steps > 0``) flat all-reduces complete at once here: the commit decision needs them
+finished, and the numbers are the same.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -30,15 +35,18 @@ from desloc.comm.ledger import CommLedger
 
 
 class TorchftComm(Communicator):
-    """One desloc worker = one torchft replica group (here: one process or thread)."""
+    """Syncs through ``manager`` (a ``torchft.Manager``); ``replica`` is this worker's index."""
 
-    def __init__(self, manager, world_size: int = 1):
+    def __init__(self, manager, world_size: int = 1, replica: int = 0):
         self.manager = manager
         self.world_size = int(world_size)
-        self.rank = 0
+        self.rank = int(replica)
         self.ledger = CommLedger(self.world_size)
         self.failed_syncs = 0
         self.committed_syncs = 0
+        self.round_open = False
+        self.participating_rank: int | None = None
+        self.on_commit = None  # callable(committed: bool, seconds: float), e.g. desloc.ft's log
 
     @property
     def stacked(self) -> bool:
@@ -47,16 +55,31 @@ class TorchftComm(Communicator):
     def worker_numel(self, tensor: torch.Tensor) -> int:
         return tensor.numel()
 
-    def _all_or_nothing(self, tensors: Sequence[torch.Tensor]) -> bool:
-        """Average ``tensors`` in place over the quorum; roll back and return False on failure."""
-        self.manager.start_quorum()
+    def start_round(self, timeout=None) -> None:
+        """A new quorum (blocking; torchft heals this group here if it is behind its peers)."""
+        self.manager.start_quorum(timeout=timeout)
         self.world_size = self.manager.num_participants()
-        self.rank = self.manager.participating_rank() or 0
+        self.participating_rank = self.manager.participating_rank()
         self.ledger.world_size = self.world_size
+        self.round_open = True
+
+    def commit(self) -> bool:
+        """Close the round: torchft's commit decision for this replica group."""
+        t0 = time.perf_counter()
+        ok = bool(self.manager.should_commit())
+        self.round_open = False
+        if self.on_commit is not None:
+            self.on_commit(ok, time.perf_counter() - t0)
+        return ok
+
+    def _all_or_nothing(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Average ``tensors`` in place over the round; roll back and return False on failure."""
+        if not self.round_open:
+            self.start_round()
         before = [t.detach().clone() for t in tensors]
         for t in tensors:  # one at a time: torchft's process group serves one collective per call
-            self.manager.allreduce(t).wait()
-        if self.manager.should_commit():
+            self.manager.allreduce(t).wait()  # torchft's AVG: SUM, then divided by num_participants()
+        if self.commit():
             self.committed_syncs += 1
             return True
         for t, saved in zip(tensors, before):

@@ -1,0 +1,228 @@
+"""Fault-tolerant training on torchft (``desloc train --ft``; optional extra ``pip install -e '.[ft]'``).
+
+Each desloc worker is a torchft replica group (here one process: ``--replica-id i`` of
+``--workers N``, its data shard and dropout stream). A Lighthouse (``desloc ft-lighthouse``)
+decides who is in; the workers sync through :class:`~desloc.comm.torchft_comm.TorchftComm`.
+
+Rounds. A round is one torchft quorum. It is opened at the start of a step whose schedule has a
+sync (``opt.schedule.due(t)``: DES-LOC's K_x, K_u, K_v; DDP every step) -- before the step's
+forward pass, so the state a peer serves is a whole step's: the same as a checkpoint after step
+t-1 -- and closed by the commit decision after the step's sync. Local steps never wait on the
+network, and a worker never waits for a peer it does not sync with.
+
+Healing. A worker that starts (fresh, restarted after a crash, or whose last commit failed) is
+behind when its torchft step (committed rounds) is below its peers'. In the first round it
+takes part in, torchft fetches a healthy peer's state over HTTP and desloc loads it: parameters,
+optimizer states (every one, synced or not), the global step, the LR schedule, the ledger, the
+outer optimizer's state and the modeled clock -- exactly what a checkpoint holds. The worker then
+continues from the peer's step: it computes that step on its own batch and takes part in the
+round's sync, like a worker that had been there all along with the peer's state. Its metrics
+rows after the healed step are dropped (they belong to its earlier life) and ``ft.jsonl`` says
+whom it healed from.
+
+Founders. Every worker opens a round when it starts. If nobody is ahead, the workers that met
+there commit it empty (nothing sent): their torchft step becomes 1, so a latecomer (step 0) is
+behind and heals instead of training from the initial weights.
+
+Records. ``<out>/replica<i>/`` is worker i's run directory (config, metrics, checkpoints,
+summary, plots), plus ``ft.jsonl``: one line per round opened (step, seconds waited for the
+quorum, participants, healed from whom) and per commit decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from desloc.errors import ConfigError
+
+DEFAULT_LIGHTHOUSE = "127.0.0.1:29510"
+
+
+def require_torchft() -> None:
+    try:
+        import torchft  # noqa: F401
+    except ImportError:
+        raise ConfigError("--ft needs torchft, an optional extra: pip install -e '.[ft]' (torchft==0.2.0)") from None
+
+
+@dataclass
+class FtConfig:
+    """``desloc train --ft``: this worker's replica group and how it reaches the Lighthouse."""
+
+    replica_id: int = 0  # --replica-id: this worker's index in 0..workers-1 (data shard, dropout stream)
+    lighthouse: str = DEFAULT_LIGHTHOUSE  # --lighthouse HOST:PORT (http:// added if missing)
+    timeout_s: float = 60.0  # --ft-timeout: a collective, a commit or a state transfer
+    quorum_timeout_s: float = 900.0  # --ft-quorum-timeout: waiting for peers at a round
+    min_replicas: int = 1  # --ft-min-replicas: commit a round only with at least this many participants
+
+    def check(self, workers: int) -> None:
+        if isinstance(self.replica_id, bool) or not isinstance(self.replica_id, int) \
+                or not 0 <= self.replica_id < workers:
+            raise ConfigError(f"--replica-id must be an integer in [0, --workers={workers}), got {self.replica_id!r}; "
+                              "each replica group of an --ft job gets its own index (its data shard)")
+        for name in ("timeout_s", "quorum_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ConfigError(f"ft {name} must be a number of seconds > 0, got {v!r}")
+        if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) or self.min_replicas < 1:
+            raise ConfigError(f"--ft-min-replicas must be an integer >= 1, got {self.min_replicas!r}")
+        if not self.lighthouse or ":" not in self.lighthouse.replace("http://", ""):
+            raise ConfigError(f"--lighthouse must be HOST:PORT (e.g. {DEFAULT_LIGHTHOUSE}), got {self.lighthouse!r}")
+
+    @property
+    def lighthouse_url(self) -> str:
+        return self.lighthouse if "://" in self.lighthouse else f"http://{self.lighthouse}"
+
+
+def replica_dir(out: str | Path, replica: int) -> Path:
+    """Worker ``replica``'s run directory inside the job's ``--out``."""
+    return Path(out) / f"replica{replica}"
+
+
+def _detached(tree: Any) -> Any:
+    """A copy that shares no tensor with the live run (the peer keeps training while it is served)."""
+    return copy.deepcopy(tree) if not torch.is_tensor(tree) else tree.detach().clone()
+
+
+class FtRuntime:
+    """This worker's torchft Manager, its communicator, and the round / healing logic of the loop."""
+
+    def __init__(self, cfg, run_path: Path):
+        require_torchft()
+        from torch.distributed import TCPStore
+        from torchft import Manager, ProcessGroupGloo
+
+        ft: FtConfig = cfg.ft
+        self.cfg = cfg
+        self.replica = ft.replica_id
+        group_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if group_size != 1:
+            raise ConfigError(f"--ft runs one process per replica group (torchrun --nproc_per_node 1 per group), got "
+                              f"WORLD_SIZE={group_size}; a worker that is a sharded group of processes is issue 12")
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:  # torchrun: its agent's store
+            self._store = None
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        else:  # a plain process: the replica group's own store
+            self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+            addr, port = "127.0.0.1", self._store.port
+        self.session = None  # the loop's Session, set by attach()
+        self.done = 0  # steps done, kept current by the loop (the state a peer is served)
+        self.elapsed = 0.0
+        self.healed: dict[str, Any] | None = None
+        self.log_path = run_path / "ft.jsonl"
+        timeout = timedelta(seconds=ft.timeout_s)
+        self.quorum_timeout = timedelta(seconds=ft.quorum_timeout_s)
+        self.manager = Manager(
+            pg=ProcessGroupGloo(timeout=timeout), load_state_dict=self._load, state_dict=self._state,
+            min_replica_size=ft.min_replicas, use_async_quorum=False, init_sync=False, rank=0, world_size=1,
+            store_addr=addr, store_port=port, lighthouse_addr=ft.lighthouse_url, replica_id=f"desloc_{self.replica}",
+            timeout=timeout, quorum_timeout=self.quorum_timeout, connect_timeout=timeout)
+        from desloc.comm.torchft_comm import TorchftComm
+
+        self.comm = TorchftComm(self.manager, world_size=cfg.workers, replica=self.replica)
+        self.comm.on_commit = self._on_commit
+        self.rounds = 0
+        self.heals: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- torchft callbacks
+    def attach(self, session) -> None:
+        self.session = session
+
+    def _state(self) -> dict[str, Any]:
+        """What a peer that is behind receives (torchft calls this while this worker waits in a round)."""
+        from desloc.loop import checkpoint_state
+
+        s = self.session
+        return {"replica": self.replica, "checkpoint": _detached(checkpoint_state(s, self.done, self.elapsed))}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        """Adopt a peer's state (called by torchft in this thread, inside start_quorum)."""
+        from desloc.loop import load_state
+
+        ckpt = state["checkpoint"]
+        load_state(self.session, ckpt)
+        self.healed = {"from": int(state["replica"]), "step": int(ckpt["step"]), "elapsed_s": ckpt["elapsed_s"]}
+
+    # ------------------------------------------------------------------------- rounds
+    def start(self, s, done: int) -> int:
+        """When the worker starts: join (heal from a peer if behind). Returns the steps done."""
+        done = self._round(s, done)
+        if self.healed is None and not s.opt.schedule.due(done + 1):
+            self.comm.commit()  # nobody ahead: the founders' empty commit (see the module docstring)
+        return done
+
+    def before_step(self, s, done: int) -> int:
+        """Before step done+1: open its round if it syncs. Returns the steps done (a heal moves it)."""
+        self.done = done
+        if self.comm.round_open or not s.opt.schedule.due(done + 1):
+            return done
+        return self._round(s, done)
+
+    def _round(self, s, done: int) -> int:
+        self.done = done
+        self.healed = None
+        t0 = time.perf_counter()
+        self.comm.start_round(timeout=self.quorum_timeout)
+        waited = time.perf_counter() - t0
+        self.rounds += 1
+        row = {"event": "round", "step": done + 1, "t": time.time(), "quorum_s": waited,
+               "participants": self.comm.world_size, "manager_step": self.manager.current_step(),
+               "healed_from": None}
+        if self.healed is not None:
+            row.update(healed_from=self.healed["from"], step=self.healed["step"] + 1, healed_step=self.healed["step"])
+            self.heals.append({"at_step": self.healed["step"], "from": self.healed["from"], "was_at": done})
+            print(f"desloc: replica {self.replica}: healed from replica {self.healed['from']} at step "
+                  f"{self.healed['step']} (was at {done}); {self.comm.world_size} participants", file=sys.stderr,
+                  flush=True)
+            done = self.healed["step"]
+            self.done = done
+            s.run.truncate_metrics(done)  # rows after the healed step belong to this worker's earlier life
+        self._write(row)
+        return done
+
+    def _on_commit(self, ok: bool, seconds: float) -> None:
+        self._write({"event": "commit", "step": self.done + 1, "t": time.time(), "committed": ok,
+                     "participants": self.comm.world_size, "commit_s": seconds})
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        return {"replica_id": self.replica, "lighthouse": self.cfg.ft.lighthouse, "rounds": self.rounds,
+                "committed_syncs": self.comm.committed_syncs, "failed_syncs": self.comm.failed_syncs,
+                "heals": self.heals, "torchft_step": self.manager.current_step()}
+
+    def shutdown(self) -> None:
+        self.manager.shutdown(wait=False)
+
+
+def lighthouse_main(bind: str, min_replicas: int, join_timeout_ms: int, heartbeat_timeout_ms: int) -> int:
+    """``desloc ft-lighthouse``: run a torchft Lighthouse until SIGINT / SIGTERM."""
+    import signal
+    import threading
+
+    require_torchft()
+    from torchft.coordination import LighthouseServer
+
+    server = LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
+                              heartbeat_timeout_ms=heartbeat_timeout_ms)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"desloc ft-lighthouse: listening on {server.address()} (min_replicas={min_replicas}, heartbeat timeout "
+          f"{heartbeat_timeout_ms} ms, join timeout {join_timeout_ms} ms); workers: desloc train --ft --lighthouse "
+          f"{bind} ...; Ctrl-C stops it", file=sys.stderr, flush=True)
+    stop.wait()
+    server.shutdown()
+    return 0
