@@ -1,7 +1,10 @@
 """``desloc train --ft`` / ``desloc ft-lighthouse``: every bad setting is refused up front, with the
 field, the value and the fix, before any data is read, any run directory is made, or torchft is
-needed. Nothing here trains or starts a Lighthouse, and every test passes with and without torchft
-installed (where torchft must be missing, ``sys.modules["torchft"] = None`` makes its import fail)."""
+needed; a restarted worker may reach a Lighthouse that moved (its connection settings are not part of
+its run's identity). Nothing here trains or starts a Lighthouse (where a test needs ``desloc train`` to
+get past its checks, ``desloc.train.train`` is replaced by a stub that records its config), and every
+test passes with and without torchft installed (where torchft must be missing,
+``sys.modules["torchft"] = None`` makes its import fail)."""
 
 from __future__ import annotations
 
@@ -15,15 +18,28 @@ import pytest
 from desloc import cli
 from desloc.algorithms import MethodConfig
 from desloc.cli import main
-from desloc.errors import ConfigError
-from desloc.ft import DEFAULT_LIGHTHOUSE, FtConfig
-from desloc.train import TrainConfig
+from desloc.errors import CheckpointMismatchError, ConfigError
+from desloc.ft import (
+    CONNECTION_FIELDS,
+    DEFAULT_LIGHTHOUSE,
+    MAX_TIMEOUT_S,
+    FtConfig,
+    identity,
+    parse_address,
+    replica_dir,
+)
+from desloc.records import RunDir
+from desloc.train import TrainConfig, _check_run_dir
 
 TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
         "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
         "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
 # were a refusal ever to go missing, the worker would give up on the (absent) Lighthouse within seconds
 FAST_FAIL = ["--lighthouse", "127.0.0.1:9", "--ft-timeout", "1", "--ft-quorum-timeout", "1"]
+TIMEOUT_FLAGS = {"timeout_s": "--ft-timeout", "quorum_timeout_s": "--ft-quorum-timeout"}
+# what `desloc train` prints from train()'s summary (cli._cmd_train)
+SUMMARY_KEYS = ("method", "workers", "steps", "tokens", "final_val_loss", "final_val_ppl", "bytes_sent",
+                "ratio_vs_ddp", "wall_time_s", "network", "modeled_time_s", "speedup_vs_ddp_modeled")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 FT_ENV = ("REPLICA_GROUP_ID", "TORCHFT_LIGHTHOUSE")
 
@@ -117,36 +133,76 @@ def test_replica_id_outside_the_workers_is_refused(replica_id, workers):
     assert "its own index" in msg, msg
 
 
+def test_timeout_bound():
+    assert MAX_TIMEOUT_S == 1e6  # torchft turns timeouts into timedeltas and Rust durations
+
+
 @pytest.mark.parametrize("field", ["timeout_s", "quorum_timeout_s"])
-@pytest.mark.parametrize("value", [0, 0.0, -1.5, float("nan"), True, "60", None])
-def test_timeouts_must_be_positive_seconds(field, value):
+@pytest.mark.parametrize("value", [0, 0.0, -1.5, float("nan"), float("inf"), -float("inf"), 1e20, MAX_TIMEOUT_S + 1,
+                                   True, "60", None])
+def test_timeouts_must_be_seconds_in_range(field, value):
     with pytest.raises(ConfigError) as err:
         FtConfig(**{field: value}).check(2)
     msg = str(err.value)
-    assert field in msg and f"got {value!r}" in msg and "seconds > 0" in msg, msg
+    flag = TIMEOUT_FLAGS[field]
+    assert msg.startswith(f"{flag} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]"), msg  # the CLI flag
+    assert f"got {value!r}" in msg and f"e.g. {flag} 60" in msg, msg
+    assert field not in msg, msg  # the flag, not the config field
 
 
-@pytest.mark.parametrize("value", [0, -2, True, 1.5, "2"])
-def test_min_replicas_must_be_at_least_one(value):
+@pytest.mark.parametrize("field", ["timeout_s", "quorum_timeout_s"])
+@pytest.mark.parametrize("value", [1e-3, 1, 60.0, MAX_TIMEOUT_S, int(MAX_TIMEOUT_S)])
+def test_timeouts_up_to_the_bound_pass(field, value):
+    FtConfig(**{field: value}).check(2)
+
+
+@pytest.mark.parametrize("value,workers", [(0, 4), (-2, 4), (True, 4), (1.5, 4), ("2", 4), (5, 4), (3, 2), (2, 1)])
+def test_min_replicas_must_be_between_one_and_the_workers(value, workers):
     with pytest.raises(ConfigError) as err:
-        FtConfig(min_replicas=value).check(4)
+        FtConfig(min_replicas=value).check(workers)
     msg = str(err.value)
-    assert "--ft-min-replicas" in msg and f"got {value!r}" in msg and "integer >= 1" in msg, msg
+    assert "--ft-min-replicas" in msg and f"got {value!r}" in msg, msg
+    assert f"integer in [1, --workers={workers}]" in msg and "more participants than workers" in msg, msg
 
 
-@pytest.mark.parametrize("lighthouse", ["", "localhost", "http://localhost", "10.0.0.1"])
-def test_lighthouse_needs_a_port(lighthouse):
+@pytest.mark.parametrize("value,workers", [(1, 1), (1, 4), (4, 4), (2, 3)])
+def test_min_replicas_up_to_the_workers_pass(value, workers):
+    FtConfig(min_replicas=value).check(workers)
+
+
+@pytest.mark.parametrize("lighthouse", [
+    "", "localhost", "http://localhost", "10.0.0.1",  # no port
+    "host:", "host:abc", "h:-1", "h:65536", "http://h:1:2",  # not a port
+    "https://host:1", "ftp://h:1",  # another scheme: desloc talks http to the Lighthouse
+    "host:1/path", "http://host:1/lighthouse",  # a path
+])
+def test_lighthouse_must_be_host_port(lighthouse):
     with pytest.raises(ConfigError) as err:
         FtConfig(lighthouse=lighthouse).check(2)
     msg = str(err.value)
-    assert "--lighthouse" in msg and "HOST:PORT" in msg and f"got {lighthouse!r}" in msg, msg
-    assert f"e.g. {DEFAULT_LIGHTHOUSE}" in msg, msg
+    assert msg == f"--lighthouse must be HOST:PORT (e.g. {DEFAULT_LIGHTHOUSE}), got {lighthouse!r}", msg
+    with pytest.raises(ConfigError, match="^--bind must be HOST:PORT"):
+        parse_address(lighthouse, "--bind")  # the message names the flag it is given
+
+
+@pytest.mark.parametrize("address,host,port", [
+    ("127.0.0.1:29510", "127.0.0.1", 29510),
+    ("http://127.0.0.1:29510", "127.0.0.1", 29510),
+    ("http://127.0.0.1:29510/", "127.0.0.1", 29510),
+    ("lighthouse.example:1234", "lighthouse.example", 1234),
+    (DEFAULT_LIGHTHOUSE, "127.0.0.1", 29510),
+])
+def test_lighthouse_host_port_is_accepted(address, host, port):
+    assert parse_address(address, "--lighthouse") == (host, port)
+    FtConfig(lighthouse=address).check(2)
+    assert FtConfig(lighthouse=address).lighthouse_url == f"http://{host}:{port}"
 
 
 @pytest.mark.parametrize("ft,workers", [
     (FtConfig(), 1),
     (FtConfig(replica_id=3, lighthouse="10.0.0.1:29510", timeout_s=0.5, quorum_timeout_s=30, min_replicas=2), 4),
     (FtConfig(lighthouse="http://lighthouse.example:1234"), 2),
+    (FtConfig(timeout_s=MAX_TIMEOUT_S, quorum_timeout_s=MAX_TIMEOUT_S, min_replicas=3), 3),
 ])
 def test_good_ft_configs_pass(ft, workers):
     ft.check(workers)
@@ -157,15 +213,47 @@ def test_lighthouse_url_adds_http_only_when_missing():
     assert FtConfig(lighthouse="http://h:1").lighthouse_url == "http://h:1"
 
 
+def test_lighthouse_url_keeps_ipv6_brackets():
+    assert FtConfig(lighthouse="[::1]:29510").lighthouse_url == "http://[::1]:29510"
+
+
+# ------------------------------------------------------------------ identity(): what a restart may change
+def test_connection_fields_are_the_ft_settings_a_restart_may_change():
+    assert set(CONNECTION_FIELDS) == {"lighthouse", "timeout_s", "quorum_timeout_s", "min_replicas"}
+    assert set(CONNECTION_FIELDS) | {"replica_id"} == {f.name for f in dataclasses.fields(FtConfig)}
+
+
+def test_identity_drops_exactly_the_connection_fields():
+    cfg = TrainConfig(workers=3, steps=8, ft=FtConfig(replica_id=2, lighthouse="10.0.0.1:1", timeout_s=5.0,
+                                                      quorum_timeout_s=30.0, min_replicas=2)).to_dict()
+    before = json.loads(json.dumps(cfg))
+    ident = identity(cfg)
+    assert ident["ft"] == {"replica_id": 2}  # the replica id stays: it is the worker's data shard
+    assert {k: v for k, v in ident.items() if k != "ft"} == {k: v for k, v in cfg.items() if k != "ft"}
+    assert cfg == before  # the config itself is untouched
+    moved = TrainConfig(workers=3, steps=8, ft=FtConfig(replica_id=2, lighthouse="10.9.9.9:7")).to_dict()
+    assert identity(moved) == ident
+    assert identity(TrainConfig(workers=3, steps=8, ft=FtConfig(replica_id=1)).to_dict()) != ident
+    assert identity(TrainConfig(workers=3, steps=9, ft=FtConfig(replica_id=2)).to_dict()) != ident
+
+
+def test_identity_of_a_config_without_ft_is_the_config():
+    cfg = TrainConfig(workers=2, steps=8).to_dict()
+    assert identity(cfg) == cfg
+    older = dict(cfg)
+    del older["ft"]  # a config.json from before --ft
+    assert identity(older) == older
+
+
 # ------------------------------------------------------------------ 2. TrainConfig(ft=...)
 @pytest.mark.parametrize("kwargs,fragments", [
-    (dict(events="8:add=1"), ["--events", "join and leave for real"]),
-    (dict(method=MethodConfig("gasloc", period_x=4)), ["gasloc", "gossips"]),
-    (dict(method=MethodConfig("desloc", period_x=8, param_delay=2)), ["--param-delay 2", "use --param-delay 0"]),
-    (dict(backend="nccl"), ["--backend nccl", "drop --backend"]),
-    (dict(backend="sim"), ["--backend sim", "drop --backend"]),
-    (dict(device="cuda"), ["--device cuda", "use --device cpu"]),
-    (dict(device="cuda:1"), ["--device cuda:1", "use --device cpu"]),
+    ({"events": "8:add=1"}, ["--events", "join and leave for real"]),
+    ({"method": MethodConfig("gasloc", period_x=4)}, ["gasloc", "gossips"]),
+    ({"method": MethodConfig("desloc", period_x=8, param_delay=2)}, ["--param-delay 2", "use --param-delay 0"]),
+    ({"backend": "nccl"}, ["--backend nccl", "drop --backend"]),
+    ({"backend": "sim"}, ["--backend sim", "drop --backend"]),
+    ({"device": "cuda"}, ["--device cuda", "use --device cpu"]),
+    ({"device": "cuda:1"}, ["--device cuda:1", "use --device cpu"]),
 ])
 def test_train_config_refuses_what_ft_cannot_run(kwargs, fragments):
     with pytest.raises(ConfigError) as err:
@@ -176,9 +264,9 @@ def test_train_config_refuses_what_ft_cannot_run(kwargs, fragments):
         assert f in msg, msg
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(backend="gloo"), dict(device="cpu"),
-                                    dict(method=MethodConfig("desloc", period_x=8, param_delay=0)),
-                                    dict(method=MethodConfig("ddp"))])
+@pytest.mark.parametrize("kwargs", [{}, {"backend": "gloo"}, {"device": "cpu"},
+                                    {"method": MethodConfig("desloc", period_x=8, param_delay=0)},
+                                    {"method": MethodConfig("ddp")}])
 def test_train_config_accepts_what_ft_runs(kwargs):
     assert TrainConfig(workers=2, ft=FtConfig(replica_id=1), **kwargs).ft == FtConfig(replica_id=1)
 
@@ -258,14 +346,51 @@ def test_replica_group_id_beyond_the_workers_is_refused(tmp_path, cache, capsys,
     (["--method", "gasloc"], ["--ft: gasloc", "gossips"]),
     (["--backend", "nccl"], ["--ft: --backend nccl"]),
     (["--param-delay", "1"], ["--ft: --param-delay 1", "use --param-delay 0"]),
-    (["--ft-timeout", "0"], ["timeout_s", "got 0.0", "> 0"]),
-    (["--ft-quorum-timeout", "-5"], ["quorum_timeout_s", "got -5.0", "> 0"]),
-    (["--ft-min-replicas", "0"], ["--ft-min-replicas", "got 0"]),
+    (["--ft-timeout", "0"], ["--ft-timeout must be a number of seconds in (0, 1e+06]", "got 0.0", "e.g. --ft-timeout 60"]),
+    (["--ft-quorum-timeout", "-5"], ["--ft-quorum-timeout must be a number of seconds in (0, 1e+06]", "got -5.0"]),
+    (["--ft-timeout", "inf"], ["--ft-timeout must be", "(0, 1e+06]", "got inf"]),
+    (["--ft-quorum-timeout", "inf"], ["--ft-quorum-timeout must be", "(0, 1e+06]", "got inf"]),
+    (["--ft-timeout", "1e20"], ["--ft-timeout must be", "(0, 1e+06]", "got 1e+20"]),
+    (["--ft-quorum-timeout", "1e20"], ["--ft-quorum-timeout must be", "(0, 1e+06]", "got 1e+20"]),
+    (["--ft-timeout", "nan"], ["--ft-timeout must be", "got nan"]),
+    (["--ft-min-replicas", "0"], ["--ft-min-replicas", "got 0", "[1, --workers=2]"]),
+    (["--ft-min-replicas", "3"], ["--ft-min-replicas", "got 3", "[1, --workers=2]", "more participants than workers"]),
     (["--lighthouse", "localhost"], ["--lighthouse must be HOST:PORT", "'localhost'"]),
+    (["--lighthouse", "https://host:1"], ["--lighthouse must be HOST:PORT", "'https://host:1'"]),
+    (["--lighthouse", "host:"], ["--lighthouse must be HOST:PORT", "'host:'"]),
+    (["--lighthouse", "host:abc"], ["--lighthouse must be HOST:PORT", "'host:abc'"]),
+    (["--lighthouse", "host:1/path"], ["--lighthouse must be HOST:PORT", "'host:1/path'"]),
 ])
 def test_ft_worker_settings_are_refused_before_anything_runs(extra, fragments, tmp_path, cache, capsys):
     argv = train_args(tmp_path, "--ft", "--replica-id", "0", *FAST_FAIL, *extra)
-    refused_early(capsys, cache, tmp_path, argv, *fragments)
+    line = refused_early(capsys, cache, tmp_path, argv, *fragments)
+    assert "timeout_s" not in line, line  # the CLI flag, not the config field
+
+
+@pytest.fixture
+def fake_train(monkeypatch) -> list:
+    """``desloc.train.train`` (which ``desloc train`` calls) records ``(cfg, out, kwargs)`` and returns a
+    summary of zeros instead of training."""
+    calls = []
+
+    def fake(cfg, out, **kwargs):
+        calls.append((cfg, Path(out), kwargs))
+        return dict.fromkeys(SUMMARY_KEYS, 0)
+
+    monkeypatch.setattr("desloc.train.train", fake)
+    return calls
+
+
+@pytest.mark.parametrize("lighthouse", ["127.0.0.1:29510", "http://127.0.0.1:29510"])
+def test_ft_worker_with_a_good_lighthouse_reaches_train(lighthouse, tmp_path, cache, capsys, fake_train):
+    argv = train_args(tmp_path, "--ft", "--replica-id", "1", *FAST_FAIL, "--lighthouse", lighthouse,
+                      "--ft-timeout", str(MAX_TIMEOUT_S), "--ft-min-replicas", "2")
+    assert main(argv) == 0, capsys.readouterr().err
+    [(cfg, out, kwargs)] = fake_train
+    assert cfg.ft == FtConfig(replica_id=1, lighthouse=lighthouse, timeout_s=MAX_TIMEOUT_S, quorum_timeout_s=1.0,
+                              min_replicas=2)
+    assert cfg.ft.lighthouse_url == "http://127.0.0.1:29510"
+    assert out == tmp_path / "run" and kwargs["resume"] is False
 
 
 def test_ft_without_torchft_names_the_extra(tmp_path, cache, capsys, no_torchft):
@@ -302,7 +427,125 @@ def test_ft_flags_reach_the_ft_config(cache):
     assert _ft(["train"]) is None
 
 
-# ------------------------------------------------------------------ 4. desloc ft-lighthouse
+# ------------------------------------------------------------------ 4. a restarted worker (train._check_run_dir)
+def ft_cfg(replica_id: int = 0, steps: int = 8, **connection) -> TrainConfig:
+    return TrainConfig(workers=2, steps=steps, ft=FtConfig(replica_id=replica_id, **connection))
+
+
+def ft_run_dir(tmp_path: Path, cfg: TrainConfig) -> RunDir:
+    """Worker ``cfg.ft.replica_id``'s run directory as a fresh start leaves it: config.json and an empty
+    metrics.jsonl, no checkpoint."""
+    run = RunDir(replica_dir(tmp_path / "job", cfg.ft.replica_id))
+    run.path.mkdir(parents=True)
+    run.start_fresh(cfg.to_dict())
+    return run
+
+
+@pytest.mark.parametrize("connection", [
+    {"lighthouse": "10.0.0.2:29600"},
+    {"lighthouse": "http://127.0.0.1:29510"},
+    {"timeout_s": 5.0},
+    {"quorum_timeout_s": 30.0},
+    {"min_replicas": 2},
+    {"lighthouse": "h:1", "timeout_s": 1.0, "quorum_timeout_s": 2.0, "min_replicas": 2},
+])
+def test_restarted_worker_may_change_its_connection_settings(connection, tmp_path, cache):
+    run = ft_run_dir(tmp_path, ft_cfg(lighthouse=DEFAULT_LIGHTHOUSE))
+    before = {f.name: f.read_bytes() for f in run.path.iterdir()}
+    assert _check_run_dir(run, ft_cfg(**connection), "torchft") is None  # no checkpoint yet: it heals from a peer
+    assert {f.name: f.read_bytes() for f in run.path.iterdir()} == before  # it only reads
+
+
+def test_restarted_worker_with_the_same_config_is_accepted(tmp_path, cache):
+    cfg = ft_cfg(replica_id=1, lighthouse="10.0.0.1:29510")
+    assert _check_run_dir(ft_run_dir(tmp_path, cfg), cfg, "torchft") is None
+
+
+@pytest.mark.parametrize("changed,fragment", [
+    ({"replica_id": 1}, "ft.replica_id: 0 -> 1"),
+    ({"steps": 16}, "steps: 8 -> 16"),
+    ({"steps": 16, "lighthouse": "10.0.0.2:1"}, "steps: 8 -> 16"),
+])
+def test_restarted_worker_must_keep_its_run_settings(changed, fragment, tmp_path, cache):
+    run = ft_run_dir(tmp_path, ft_cfg())
+    with pytest.raises(CheckpointMismatchError) as err:
+        _check_run_dir(run, ft_cfg(**changed), "torchft")
+    msg = str(err.value)
+    assert fragment in msg and "resume without changing them" in msg, msg
+    assert "lighthouse" not in msg, msg  # a connection setting is never reported as a change
+
+
+def test_a_run_without_ft_still_compares_every_setting(tmp_path, cache):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.start_fresh(TrainConfig(workers=2, steps=8).to_dict())
+    with pytest.raises(CheckpointMismatchError, match="steps: 8 -> 16"):
+        _check_run_dir(run, TrainConfig(workers=2, steps=16), "sim")
+
+
+# ------------------------------------------------------------------ 5. desloc train --ft --resume (CLI)
+FT_JOB = ["train", "--ft", "--replica-id", "0", "--workers", "2", "--steps", "8"]
+
+
+def make_ft_job(tmp_path: Path, *flags: str) -> Path:
+    """``D/replica0/config.json`` as ``desloc train --ft --replica-id 0 --workers 2 --steps 8 --out D *flags``
+    writes it; returns D."""
+    job = tmp_path / "D"
+    args = cli.build_parser().parse_args([*FT_JOB, "--out", str(job), *flags])
+    cfg = cli._train_config(args, ft=cli._ft_config(args))
+    run = RunDir(replica_dir(job, 0))
+    run.path.mkdir(parents=True)
+    run.start_fresh(cfg.to_dict())
+    return job
+
+
+def test_resume_applies_a_moved_lighthouse(tmp_path, cache, capsys, fake_train):
+    job = make_ft_job(tmp_path, "--lighthouse", "127.0.0.1:29510")
+    rc = main([*FT_JOB, "--out", str(job), "--resume", "--lighthouse", "127.0.0.1:1234"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "desloc: error" not in err and "change" not in err, err
+    [(cfg, out, kwargs)] = fake_train
+    assert cfg.ft.lighthouse == "127.0.0.1:1234" and cfg.ft.replica_id == 0
+    assert out == job and kwargs["resume"] is True
+    saved = TrainConfig.from_dict(RunDir(replica_dir(job, 0)).read_config())
+    assert identity(cfg.to_dict()) == identity(saved.to_dict())  # everything else is the saved run's
+
+
+def test_resume_applies_every_connection_flag(tmp_path, cache, capsys, fake_train):
+    job = make_ft_job(tmp_path)
+    assert main([*FT_JOB, "--out", str(job), "--resume", "--lighthouse", "http://10.0.0.3:7", "--ft-timeout", "5",
+                 "--ft-quorum-timeout", "30", "--ft-min-replicas", "2"]) == 0, capsys.readouterr().err
+    [(cfg, _, _)] = fake_train
+    assert cfg.ft == FtConfig(replica_id=0, lighthouse="http://10.0.0.3:7", timeout_s=5.0, quorum_timeout_s=30.0,
+                              min_replicas=2)
+
+
+def test_resume_refuses_a_bad_moved_lighthouse(tmp_path, cache, capsys, fake_train):
+    job = make_ft_job(tmp_path)
+    line = error_line(capsys, [*FT_JOB, "--out", str(job), "--resume", "--lighthouse", "https://host:1"])
+    assert "--lighthouse must be HOST:PORT" in line and "'https://host:1'" in line, line
+    line = error_line(capsys, [*FT_JOB, "--out", str(job), "--resume", "--ft-min-replicas", "3"])
+    assert "--ft-min-replicas" in line and "[1, --workers=2]" in line, line
+    assert fake_train == []
+
+
+def test_resume_still_refuses_a_changed_run_setting(tmp_path, cache, capsys, fake_train):
+    job = make_ft_job(tmp_path)
+    line = error_line(capsys, ["train", "--ft", "--replica-id", "0", "--workers", "2", "--steps", "16",
+                               "--out", str(job), "--resume", "--lighthouse", "127.0.0.1:1234"])
+    assert "--resume keeps the run's settings" in line and "['steps']" in line, line
+    assert fake_train == []
+
+
+def test_resume_keeps_the_connection_settings_it_is_not_given(tmp_path, cache, capsys, fake_train):
+    job = make_ft_job(tmp_path, "--lighthouse", "10.0.0.1:29600", "--ft-timeout", "5", "--ft-min-replicas", "2")
+    assert main([*FT_JOB, "--out", str(job), "--resume"]) == 0, capsys.readouterr().err
+    [(cfg, _, _)] = fake_train
+    assert cfg.ft == FtConfig(replica_id=0, lighthouse="10.0.0.1:29600", timeout_s=5.0, min_replicas=2)
+
+
+# ------------------------------------------------------------------ 6. desloc ft-lighthouse
 @pytest.mark.parametrize("extra,fragments", [
     (["--min-replicas", "0"], ["--min-replicas must be >= 1, got 0"]),
     (["--heartbeat-timeout-ms", "0"], ["--heartbeat-timeout-ms must be >= 1, got 0"]),

@@ -1,4 +1,4 @@
-"""TorchftComm (issue 11 groundwork): desloc's syncs through a torchft Manager.
+"""TorchftComm: desloc's syncs through a torchft Manager (the engine of ``desloc train --ft``).
 
 Two replica groups run as threads against a real torchft Lighthouse on 127.0.0.1 (the recipe of
 shared/environment.md). Skipped when torchft is not installed (``pip install -e '.[ft]'``).
@@ -6,8 +6,9 @@ shared/environment.md). Skipped when torchft is not installed (``pip install -e 
 * local-adam through torchft equals the simulator bit for bit at M = 2 (same SUM-then-divide).
 * A sync that a replica group reports as failed is all-or-nothing inside that group: its tensors
   go back exactly to their values before the call and its ledger does not count the call. (torchft
-  decides commits per replica group; the healthy group keeps the average. Bringing the failed
-  group back in line -- torchft's healing from a healthy peer -- is not built yet: issue 11.)
+  decides commits per replica group; the healthy group keeps the average. By torchft's design the
+  failed group, now a commit behind, heals from a peer at the next round; that path is not
+  verified here -- tests/test_ft.py verifies healing of a restarted worker.)
 """
 
 from __future__ import annotations

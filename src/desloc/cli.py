@@ -432,14 +432,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         saved_dir = args.out if ft is None else replica_dir(args.out, ft["replica_id"])
         saved = TrainConfig.from_dict(RunDir(saved_dir).read_config()).to_dict()  # older runs: new fields' defaults
-        cfg = _train_config(args, base=json.loads(json.dumps(saved)))
-        if cfg.to_dict() != saved:
-            changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
+        base = json.loads(json.dumps(saved))
+        if ft is not None and base.get("ft"):  # a restarted worker may reach a Lighthouse that moved
+            from desloc.ft import CONNECTION_FIELDS
+
+            given = {f for flag, f in _FT_FLAGS.items() if hasattr(args, flag)}
+            if os.environ.get("TORCHFT_LIGHTHOUSE"):
+                given.add("lighthouse")
+            base["ft"].update({k: ft[k] for k in CONNECTION_FIELDS if k in given})
+        cfg = _train_config(args, base=base)
+        from desloc.ft import identity
+
+        if identity(cfg.to_dict()) != identity(saved):
+            changed = sorted(k for k in saved if identity(saved)[k] != identity(cfg.to_dict()).get(k))
             raise ConfigError(f"--resume keeps the run's settings; these flags change {changed}. "
                               "Drop them, or start a new run with another --out")
     else:
-        import os
-
         if os.environ.get("WORLD_SIZE", "").isdigit() and not hasattr(args, "workers") and ft is None:
             args.workers = int(os.environ["WORLD_SIZE"])  # under torchrun: one worker per process
         cfg = _train_config(args, ft=ft)
@@ -448,8 +456,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = args.out or _default_out("train")  # train() checks the engine, device and memory first
     summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
                     timeout_s=args.timeout)
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("method", "workers", "steps", "tokens", "final_val_loss", "final_val_ppl", "bytes_sent",
                 "ratio_vs_ddp", "wall_time_s", "network", "modeled_time_s", "speedup_vs_ddp_modeled")

@@ -70,18 +70,49 @@ class FtConfig:
                 or not 0 <= self.replica_id < workers:
             raise ConfigError(f"--replica-id must be an integer in [0, --workers={workers}), got {self.replica_id!r}; "
                               "each replica group of an --ft job gets its own index (its data shard)")
-        for name in ("timeout_s", "quorum_timeout_s"):
+        for name, flag in (("timeout_s", "--ft-timeout"), ("quorum_timeout_s", "--ft-quorum-timeout")):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                raise ConfigError(f"ft {name} must be a number of seconds > 0, got {v!r}")
-        if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) or self.min_replicas < 1:
-            raise ConfigError(f"--ft-min-replicas must be an integer >= 1, got {self.min_replicas!r}")
-        if not self.lighthouse or ":" not in self.lighthouse.replace("http://", ""):
-            raise ConfigError(f"--lighthouse must be HOST:PORT (e.g. {DEFAULT_LIGHTHOUSE}), got {self.lighthouse!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= MAX_TIMEOUT_S:
+                raise ConfigError(f"{flag} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {v!r}; "
+                                  f"e.g. {flag} 60")
+        if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) \
+                or not 1 <= self.min_replicas <= workers:
+            raise ConfigError(f"--ft-min-replicas must be an integer in [1, --workers={workers}] (a round cannot have "
+                              f"more participants than workers), got {self.min_replicas!r}")
+        parse_address(self.lighthouse, "--lighthouse")
 
     @property
     def lighthouse_url(self) -> str:
-        return self.lighthouse if "://" in self.lighthouse else f"http://{self.lighthouse}"
+        host, port = parse_address(self.lighthouse, "--lighthouse")
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+MAX_TIMEOUT_S = 1e6  # torchft turns timeouts into timedeltas and Rust durations
+CONNECTION_FIELDS = ("lighthouse", "timeout_s", "quorum_timeout_s", "min_replicas")  # may change on a restart
+
+
+def parse_address(address: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT (an ``http://`` prefix is allowed) -> (host, port), or a ConfigError naming ``flag``."""
+    from urllib.parse import urlsplit
+
+    text = str(address)
+    split = urlsplit(text if "://" in text else f"http://{text}")
+    try:
+        port = split.port
+    except ValueError:
+        port = None
+    if split.scheme != "http" or not split.hostname or port is None or split.path not in ("", "/"):
+        raise ConfigError(f"{flag} must be HOST:PORT (e.g. {DEFAULT_LIGHTHOUSE}), got {address!r}")
+    return split.hostname, port
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """A train config dict without the --ft connection settings, which a restarted worker may change
+    (the Lighthouse may have moved); the worker's replica id stays part of its run's identity."""
+    ft = config.get("ft")
+    if not ft:
+        return config
+    return {**config, "ft": {k: v for k, v in ft.items() if k not in CONNECTION_FIELDS}}
 
 
 def replica_dir(out: str | Path, replica: int) -> Path:
@@ -99,8 +130,13 @@ class FtRuntime:
 
     def __init__(self, cfg, run_path: Path):
         require_torchft()
+        import warnings
+
         from torch.distributed import TCPStore
         from torchft import Manager, ProcessGroupGloo
+
+        # torchft's checkpoint transport rebuilds tensors from a read-only buffer (harmless: they are copied)
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
         ft: FtConfig = cfg.ft
         self.cfg = cfg
@@ -133,6 +169,7 @@ class FtRuntime:
         self.comm.on_commit = self._on_commit
         self.rounds = 0
         self.heals: list[dict[str, Any]] = []
+        self._write({"event": "start", "t": time.time(), "process_start_t": _process_start_time(), "pid": os.getpid()})
 
     # ---------------------------------------------------------------- torchft callbacks
     def attach(self, session) -> None:
@@ -205,6 +242,17 @@ class FtRuntime:
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)
+
+
+def _process_start_time() -> float | None:
+    """Wall time this process started (Linux /proc), for restart -> rejoin times; None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def lighthouse_main(bind: str, min_replicas: int, join_timeout_ms: int, heartbeat_timeout_ms: int) -> int:

@@ -419,8 +419,10 @@ def _train_ft(cfg: TrainConfig, out: str | Path, resume: bool, stop_after: int |
 
 def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
     """--resume: the run must exist with the same settings, be unfinished, and keep a checkpoint."""
+    from desloc.ft import identity
+
     saved = TrainConfig.from_dict(run.read_config()).to_dict()  # fields added since: their defaults
-    diff = config_diff(saved, cfg.to_dict())
+    diff = config_diff(identity(saved), identity(cfg.to_dict()))
     if diff:
         raise CheckpointMismatchError(f"--resume: the run in {run.path} was made with different "
                                       f"settings ({'; '.join(diff)}); resume without changing them")

@@ -90,6 +90,7 @@ class SyncedOptimizer(torch.optim.Optimizer):
         self._flat: dict[str, FlatGroup] = {}
         self._in_flight: list[PendingReduce] = []  # state syncs to finish before the next inner step
         self._warned_replaced: set[str] = set()
+        self._reloading = False  # load_state_dict re-homes fresh state tensors: expected, no warning
         # Optimizer.__init__ sets up the hook machinery; it also assigns ``state`` and
         # ``param_groups`` and adds the groups, which must not touch the inner optimizer: while
         # constructing, the setters and add_param_group below ignore it.
@@ -257,7 +258,11 @@ class SyncedOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict["inner"])
         self._in_flight = []
         if self.zero_copy:
-            self._ensure_flat()  # load_state_dict allocated fresh state tensors: back into the buffers
+            self._reloading = True  # load_state_dict allocated fresh state tensors: back into the buffers
+            try:
+                self._ensure_flat()
+            finally:
+                self._reloading = False
         self.global_step = int(meta["global_step"])
         self.comm.ledger.load_state_dict(meta["ledger"])
         self._load_extra_state(meta.get("extra", {}))
@@ -317,7 +322,7 @@ class SyncedOptimizer(torch.optim.Optimizer):
             return group.buffers
         unbound = group.unbound(tensors)
         if unbound:
-            if tag not in ("params", "grads") and tag not in self._warned_replaced:
+            if tag not in ("params", "grads") and tag not in self._warned_replaced and not self._reloading:
                 self._warned_replaced.add(tag)
                 warnings.warn(f"{type(self.inner).__name__} replaced its {tag!r} tensors instead of updating "
                               "them in place; desloc copies them back into the flat sync buffer before each "
