@@ -132,8 +132,9 @@ class FtRuntime:
         require_torchft()
         import warnings
 
-        from torch.distributed import TCPStore
         from torchft import Manager, ProcessGroupGloo
+
+        from desloc.comm.torch_dist import local_store
 
         # torchft's checkpoint transport rebuilds tensors from a read-only buffer (harmless: they are copied)
         warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -149,7 +150,7 @@ class FtRuntime:
             self._store = None
             addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         else:  # a plain process: the replica group's own store
-            self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+            self._store = local_store()
             addr, port = "127.0.0.1", self._store.port
         self.session = None  # the loop's Session, set by attach()
         self.done = 0  # steps done, kept current by the loop (the state a peer is served)

@@ -53,6 +53,12 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> str:
     return backend
 
 
+def local_store():
+    """A TCPStore served by this process on 127.0.0.1 (a free port): a torchft replica group's
+    store when it is not launched by torchrun (desloc.ft)."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
