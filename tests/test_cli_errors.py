@@ -24,6 +24,9 @@ from desloc.cli import main
 from desloc.data import corpus as data
 from desloc.errors import ConfigError, DeslocWarning
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli_helpers import error_line
+
 TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
         "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
         "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
@@ -57,21 +60,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     for k in TORCHRUN_VARS:
         monkeypatch.delenv(k, raising=False)
     return c
-
-
-def error_line(capsys, argv: list[str]) -> str:
-    """Run the CLI; assert exit code 2 and a one-line ``desloc: error:`` with no traceback."""
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:  # argparse
-        rc = exit_.code
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("desloc: error: ")]
-    assert len(errors) == 1 and errors[0] == lines[-1], err
-    return errors[0]
 
 
 def refused_early(capsys, cache: Path, argv: list[str], *fragments: str) -> str:

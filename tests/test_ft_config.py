@@ -31,6 +31,9 @@ from desloc.ft import (
 from desloc.records import RunDir
 from desloc.train import TrainConfig, _check_run_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli_helpers import error_line
+
 TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
         "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
         "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
@@ -90,21 +93,6 @@ def no_lighthouse(monkeypatch):
         raise AssertionError(f"a Lighthouse was started: lighthouse_main{args}")
 
     monkeypatch.setattr("desloc.ft.lighthouse_main", refuse)
-
-
-def error_line(capsys, argv: list[str]) -> str:
-    """Run the CLI; assert exit code 2 and a one-line ``desloc: error:`` with no traceback."""
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:  # argparse
-        rc = exit_.code
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("desloc: error: ")]
-    assert len(errors) == 1 and errors[0] == lines[-1], err
-    return errors[0]
 
 
 def refused_early(capsys, cache: Path, tmp_path: Path, argv: list[str], *fragments: str) -> str:

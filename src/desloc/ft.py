@@ -10,7 +10,8 @@ forward pass, so the state a peer serves is a whole step's: the same as a checkp
 t-1 -- and closed by the commit decision after the step's sync. Local steps never wait on the
 network, and a worker never waits for a peer it does not sync with.
 
-Healing. A worker that starts (fresh, restarted after a crash, or whose last commit failed) is
+Healing. A worker that starts (fresh or restarted after a crash; by torchft's design also one
+whose last commit failed while its peers' succeeded -- that case is not verified here) is
 behind when its torchft step (committed rounds) is below its peers'. In the first round it
 takes part in, torchft fetches a healthy peer's state over HTTP and desloc loads it: parameters,
 optimizer states (every one, synced or not), the global step, the LR schedule, the ledger, the

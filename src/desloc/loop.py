@@ -426,7 +426,7 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
                 if step >= end:
                     break
         done = step + 1
-        step = done  # the loop's counter; ``step`` below means this step's index (done - 1)
+        step = done  # ``step`` counts the steps done from here on; this step's index is done - 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         is_log = done % cfg.log_every == 0 or is_eval
         sitting_out = s.opt.sitting_out()  # GASLoC's idle workers compute nothing this step

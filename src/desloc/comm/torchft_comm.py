@@ -9,13 +9,14 @@ One desloc worker = one torchft replica group. The engine of ``desloc train --ft
   (:meth:`start_round`), opened by :mod:`desloc.ft` at the start of a step whose schedule has a
   sync (or by the first collective, if nobody opened one), and closed by the commit decision
   after that step's sync. Local steps never wait on the network.
-* **The average is over the round's participants**: torchft all-reduces with SUM and desloc
+* **The average is over the round's participants**: torchft's AVG all-reduce sums and then
   divides by ``num_participants()``, the arithmetic of the other engines (sum, then divide).
 * **All or nothing.** After the all-reduces, ``should_commit()`` says whether this replica group
   saw every collective succeed. If not, every tensor is put back to its value before the call --
   the sync is skipped, never half applied -- ``failed_syncs`` counts it and the ledger does not.
   torchft decides commits per replica group, so a group that rolled back is one commit behind
-  the others, and the next round heals it from a peer (:mod:`desloc.ft`).
+  the others; by torchft's design the next round heals it from a peer (:mod:`desloc.ft`) --
+  not verified here, unlike the healing of a restarted worker (tests/test_ft.py).
 
 ``world_size`` is the last round's participant count; ``rank`` this worker's fixed index (its
 data shard and dropout stream: ``--replica-id``), not its place in the quorum. Overlapped
