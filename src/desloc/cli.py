@@ -144,6 +144,8 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--alpha",), dict(type=float, help="Dirichlet concentration (small = more skewed)"), ("data", "alpha")),
     (("--model",), dict(help="preset: tiny | small | 16m | 125m | 350m | 720m | 1.3b"), ("model",)),
     (("--workers", "-M"), dict(type=int, help="number of workers M"), ("workers",)),
+    (("--shard",), dict(type=int, metavar="N", help="under torchrun: a worker is a replica group of N processes "
+                        "sharding the model with FSDP2; M = world size / N (README 'Sharded workers')"), ("shard",)),
     (("--steps",), dict(type=int), ("steps",)),
     (("--batch-size",), dict(type=int, help="sequences per worker per step"), ("batch_size",)),
     (("--seq-len",), dict(type=int, help="tokens per sequence (default: block_size)"), ("seq_len",)),
@@ -449,7 +451,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                               "Drop them, or start a new run with another --out")
     else:
         if os.environ.get("WORLD_SIZE", "").isdigit() and not hasattr(args, "workers") and ft is None:
-            args.workers = int(os.environ["WORLD_SIZE"])  # under torchrun: one worker per process
+            shard = getattr(args, "shard", 1)
+            world = int(os.environ["WORLD_SIZE"])
+            if isinstance(shard, int) and shard >= 1 and world % shard == 0:  # else TrainConfig says why
+                args.workers = world // shard  # under torchrun: one worker per process, or per N with --shard
         cfg = _train_config(args, ft=ft)
         _refuse_unused(_unused_flags(args, cfg), f"by --method {cfg.method.name} (inner {cfg.inner.name})")
         _check_sync_happens(cfg)

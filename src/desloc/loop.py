@@ -29,7 +29,7 @@ from desloc.data import Corpus, WorkerStreams
 from desloc.errors import CheckpointMismatchError, DivergenceError, Interrupted
 from desloc.model import GPT
 from desloc.records import RunDir, plot_run
-from desloc.workers import FtWorkers, ProcessWorkers, SimWorkers
+from desloc.workers import FtWorkers, ProcessWorkers, ShardedWorkers, SimWorkers
 
 
 class StopOnSignal:
@@ -81,12 +81,22 @@ class Session:
 
     @property
     def ckpt_rank(self) -> int:
-        """This process's checkpoint file: one per run directory in the simulator and under --ft."""
-        return 0 if self.backend in ("sim", "torchft") else self.rank
+        """This process's checkpoint file: one per run directory in the simulator and under --ft,
+        one per process under torchrun (with --shard: per process, the global rank)."""
+        if self.backend in ("sim", "torchft"):
+            return 0
+        return getattr(self.workers, "global_rank", self.rank)
 
     @property
     def ckpt_ranks(self) -> int:
-        return 1 if self.backend in ("sim", "torchft") else self.workers.world_size
+        if self.backend in ("sim", "torchft"):
+            return 1
+        return self.workers.world_size * self.shards
+
+    @property
+    def shards(self) -> int:
+        """Processes per worker (--shard; 1 unless the worker is a sharded replica group)."""
+        return getattr(self.workers, "shards", 1)
 
     @property
     def device_type(self) -> str:
@@ -131,6 +141,10 @@ def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | N
                                                                           param_bytes, method.topology))
     if comm is None:
         workers = SimWorkers(model, m)
+    elif getattr(comm, "mesh", None) is not None:  # --shard: a worker is an FSDP2 replica group
+        from desloc.comm.mesh import shard_model
+
+        workers = ShardedWorkers(shard_model(model, comm.mesh), comm)
     else:
         workers = ProcessWorkers(model, comm) if ft is None else FtWorkers(model, comm)
     inner = cfg.inner.build(workers.parameters())
@@ -148,10 +162,11 @@ def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | N
 def _prepare_corpus(cfg, comm) -> Corpus:
     """Rank 0 builds the tokenizer and token cache; the other ranks then load it. (Under --ft each
     worker prepares it itself: the cache is written atomically.)"""
-    if comm is not None and comm.rank != 0:
+    first = comm is None or getattr(comm, "global_rank", comm.rank) == 0
+    if not first:
         comm.barrier()
     corpus = Corpus.prepare(cfg.data, progress=False)
-    if comm is not None and comm.rank == 0:
+    if comm is not None and first:
         comm.barrier()
     return corpus
 
@@ -197,6 +212,11 @@ def restore(s: Session, start_step: int | None) -> tuple[int, float]:
             s.run.truncate_metrics(0)  # --resume of a run that crashed before its first checkpoint
         return 0, 0.0
     ckpt = s.run.load_checkpoint(s.ckpt_rank, start_step)
+    if s.shards > 1:  # the replica group's tensors are in its DCP checkpoint
+        from desloc.comm.mesh import load_sharded
+
+        ckpt = load_sharded(ckpt, s.run.checkpoint_file(start_step, s.ckpt_rank).parent / f"replica{s.rank}",
+                            s.workers.mesh, s.device)
     if ckpt["data_fingerprint"] != s.corpus.fingerprint:
         raise CheckpointMismatchError("checkpoint was trained on different data or tokenizer "
                                       f"({ckpt['data_fingerprint']} vs {s.corpus.fingerprint})")
@@ -232,7 +252,13 @@ def checkpoint_state(s: Session, step: int, elapsed: float) -> dict[str, Any]:
 
 
 def checkpoint(s: Session, step: int, elapsed: float) -> None:
-    s.run.save_checkpoint(step, s.ckpt_rank, checkpoint_state(s, step, elapsed))
+    state = checkpoint_state(s, step, elapsed)
+    if s.shards > 1:  # DCP, one checkpoint per replica group; this process keeps the rest
+        from desloc.comm.mesh import save_sharded
+
+        state = save_sharded(state, s.run.checkpoint_file(step, s.ckpt_rank).parent / f"replica{s.rank}",
+                             s.workers.mesh)
+    s.run.save_checkpoint(step, s.ckpt_rank, state)
     if s.backend not in ("sim", "torchft"):
         s.workers.comm.barrier()
     if s.workers.is_main:
@@ -266,7 +292,8 @@ def state_is_finite(s: Session) -> bool:
     s.opt.wait_for_syncs()  # states in flight (overlapped syncs) are read only once they have landed
     tensors = list(s.opt.params) + [v for st in s.opt.inner.state.values() for v in st.values()
                                     if torch.is_tensor(v) and v.is_floating_point()]
-    bad = float(not all(bool(torch.isfinite(t).all()) for t in tensors))
+    part = getattr(s.workers, "local", lambda t: t)  # a sharded worker checks its own shards
+    bad = float(not all(bool(torch.isfinite(part(t)).all()) for t in tensors))
     return s.workers.mean_over_workers({"bad": [bad]})["bad"] == 0
 
 
@@ -321,8 +348,37 @@ def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> d
         "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
         **time_summary(s, steps),
         **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
+        **memory_summary(s),
         "seed": cfg.seed,
     }
+
+
+def peak_memory_bytes(device: str) -> int:
+    """This process's peak memory: the CUDA caching allocator's peak on a GPU, else the peak
+    resident set size (Linux ``ru_maxrss``; the whole process: interpreter, torch, data)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def memory_summary(s: Session) -> dict[str, Any]:
+    """Peak memory per process (and, with --shard, what each process sent and the mesh)."""
+    peak = peak_memory_bytes(s.device)
+    out: dict[str, Any] = {"peak_memory_bytes": peak,
+                           "peak_memory_kind": "cuda_max_allocated" if s.device.startswith("cuda") else "max_rss"}
+    if s.backend in ("sim", "torchft"):
+        out["peak_memory_per_process"] = [peak]
+        return out
+    out["peak_memory_per_process"] = [int(v) for v in s.workers.per_process(peak)]
+    if s.shards > 1:
+        ledger = s.workers.comm.process_ledger
+        out["shard"] = {"replica_groups": s.workers.world_size, "shards": s.shards,
+                        "processes": s.workers.world_size * s.shards,
+                        "bytes_sent_per_process": [int(v) for v in s.workers.per_process(ledger.total_bytes)],
+                        "bytes_by_state_this_process": ledger.method_bytes_by_tag}
+    return out
 
 
 class StateDynamics:
@@ -400,7 +456,8 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
              stop: StopOnSignal) -> dict[str, Any]:
     cfg, workers = s.cfg, s.workers
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    title = (f"{cfg.method.name} ({cfg.inner.name}), M={cfg.workers}, {cfg.model} "
+    title = (f"{cfg.method.name} ({cfg.inner.name}), M={cfg.workers}"
+             + (f" x {s.shards} shards" if s.shards > 1 else "") + f", {cfg.model} "
              f"({s.n_params / 1e6:.2f}M params), {s.backend}")
     show = workers.is_main and (sys.stderr.isatty() if progress is None else progress)
     from tqdm import tqdm

@@ -63,6 +63,7 @@ class TrainConfig:
     bf16: bool = False
     device: str = "auto"
     ft: FtConfig | None = None  # --ft: this worker is a torchft replica group (desloc.ft)
+    shard: int = 1  # --shard N: a worker is N processes sharding the model with FSDP2 (desloc.comm.mesh)
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every"):
@@ -110,6 +111,7 @@ class TrainConfig:
         self._check_method_inner()
         self._check_events()
         self._check_ft()
+        self._check_shard()
         for name in ("worker_speeds", "link_speeds"):
             values = getattr(self.time, name)
             if values is not None and len(values) != self.workers:
@@ -158,6 +160,32 @@ class TrainConfig:
                       "use --device cpu")
         if refuse:
             raise ConfigError(f"--ft: {refuse}")
+
+    def _check_shard(self) -> None:
+        """--shard N: a worker is a replica group of N FSDP2 processes (torchrun only)."""
+        n = self.shard
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"--shard must be an integer >= 1 (processes per worker), got {n!r}; e.g. --shard 2")
+        if n == 1:
+            return
+        refuse = None
+        if self.backend == "sim":
+            refuse = ("--backend sim: the simulator holds whole workers in one process; launch with "
+                      f"`torchrun --nproc_per_node {self.workers * n} -m desloc train --shard {n} ...`")
+        elif self.ft is not None:
+            refuse = "--ft: a torchft replica group is one process here; drop --shard or --ft"
+        elif self.events:
+            refuse = "--events schedules membership in the simulator; drop --events"
+        elif self.method.param_delay:
+            refuse = (f"--param-delay {self.method.param_delay} needs flat parameter buffers, which FSDP2 owns "
+                      "when sharded; use --param-delay 0")
+        elif self.state_dynamics:
+            refuse = "--state-dynamics is computed on whole tensors; drop it (or --shard)"
+        elif self.batch_size % n:
+            refuse = (f"--batch-size {self.batch_size} (a worker's batch) is split over its {n} shards by rows; use "
+                      f"a multiple of {n}, e.g. --batch-size {max(n, self.batch_size // n * n)}")
+        if refuse:
+            raise ConfigError(f"--shard {n}: {refuse}")
 
     def _check_method_inner(self) -> None:
         """The method and the inner optimizer must fit together (else a flag is silently ignored)."""
@@ -347,7 +375,20 @@ def check_resources(cfg: TrainConfig) -> None:
 def _init_process_comm(cfg: TrainConfig, backend: str, timeout_s: float = 600.0):
     from desloc.comm.torch_dist import TorchDistComm, init_from_env
 
+    if cfg.shard > 1:
+        from desloc.comm.mesh import check_shard
+
+        check_shard(cfg.shard, int(os.environ["WORLD_SIZE"]))  # before any process group exists
     init_from_env(backend, timeout_s=timeout_s)
+    if cfg.shard > 1:
+        from desloc.comm.mesh import MeshComm, init_mesh
+
+        comm = MeshComm(init_mesh(cfg.shard, "cuda" if backend == "nccl" else "cpu"))
+        if comm.world_size != cfg.workers:
+            raise ConfigError(f"--workers {cfg.workers} but torchrun started {comm.world_size * cfg.shard} processes, "
+                              f"{comm.world_size} replica groups of --shard {cfg.shard}; pass --workers "
+                              f"{comm.world_size} (or leave it out)")
+        return comm
     comm = TorchDistComm()
     if comm.world_size != cfg.workers:
         raise ConfigError(f"--workers {cfg.workers} but torchrun started {comm.world_size} processes; "
@@ -368,6 +409,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
         return _train_ft(cfg, out, resume, stop_after, progress, overwrite)
     check_resources(cfg)
     backend = _resolve_backend(cfg)
+    if cfg.shard > 1 and backend == "sim":
+        raise ConfigError(f"--shard {cfg.shard}: a sharded worker is {cfg.shard} processes, launched by torchrun; the "
+                          f"simulator holds whole workers in one process. Run `torchrun --nproc_per_node "
+                          f"{cfg.workers * cfg.shard} -m desloc train --shard {cfg.shard} ...` or drop --shard")
     if cfg.events and backend != "sim":
         raise ConfigError("--events changes the workers of a simulator run; under torchrun a worker that dies stops "
                           "the run (continue with --resume). Drop --events or run the simulator")
@@ -435,7 +480,7 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
         raise RunComplete(f"the run in {run.path} is complete ({cfg.steps} steps, final val loss "
                           f"{summary.get('final_val_loss')}); nothing was changed. To train longer, start a "
                           "new run with more --steps", summary)
-    ranks = [0] if backend in ("sim", "torchft") else list(range(cfg.workers))
+    ranks = [0] if backend in ("sim", "torchft") else list(range(cfg.workers * cfg.shard))
     step = run.resume_step(ranks)
     if step is None and backend == "torchft":
         return None  # a worker restarted before its first checkpoint: its state comes from a peer

@@ -134,6 +134,9 @@ class SimWorkers:
         """Each column's mean over the workers (all of them are here; float64, as ProcessWorkers')."""
         return {k: sum(v) / len(v) for k, v in columns.items()}
 
+    def per_process(self, value: float) -> list[float]:
+        return [value]
+
     def identical(self) -> bool:
         return all(torch.equal(p[0].expand_as(p), p) for p in self.parameters())
 
@@ -207,6 +210,13 @@ class ProcessWorkers:
     def evaluate(self, val_batches, device: str, bf16: bool) -> list[float]:
         return [_eval_model(self.net, val_batches, device, bf16)]
 
+    def per_process(self, value: float) -> list[float]:
+        """Every process's ``value``, in rank order (one float64 all-reduce, tag "metrics"; exact
+        for integers below 2**53 / M)."""
+        onehot = [0.0] * self.world_size
+        onehot[self.rank] = float(value) * self.world_size
+        return self._mean(onehot)
+
     def model_state(self) -> dict[str, Any]:
         return {"module": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
 
@@ -239,6 +249,81 @@ class FtWorkers(ProcessWorkers):
 
     def mean_over_workers(self, columns: dict[str, list[float]]) -> dict[str, float]:
         return {k: float(v[0]) for k, v in columns.items()}
+
+    def per_process(self, value: float) -> list[float]:
+        return [value]
+
+
+class ShardedWorkers(ProcessWorkers):
+    """This process's shard of its worker, a replica group of N processes (``--shard N``,
+    :mod:`desloc.comm.mesh`): the model is FSDP2-sharded over the group, the communicator averages
+    over the replica groups. The group's batch (worker r's, as unsharded) is split by rows: shard s
+    computes on rows [s B/N, (s+1) B/N), and FSDP's gradient reduce-scatter averages the shards, so
+    the group's gradient is the one of the whole batch. Logged values are the group's: losses and
+    norms are reduced over the shards first (observer traffic inside the group), then over groups."""
+
+    def __init__(self, model: nn.Module, comm: Communicator):
+        super().__init__(model, comm)
+        self.mesh = comm.mesh  # type: ignore[attr-defined]
+        self.sharded_params = list(model.parameters())  # DTensors (FSDP swaps in gathered ones while unsharded)
+        self.shard, self.shards = self.mesh.shard, self.mesh.shards
+        self.global_rank = self.rank * self.shards + self.shard
+        self.is_main = self.global_rank == 0
+        self.engine = "torch.distributed+fsdp2"
+
+    @staticmethod
+    def local(t: torch.Tensor) -> torch.Tensor:
+        from desloc.comm.mesh import local
+
+        return local(t)
+
+    def _group_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=_model_device(self.net))
+        return self.comm.shard_sum(t).tolist()  # type: ignore[attr-defined]
+
+    def _mean(self, values: list[float]) -> list[float]:
+        group_mean = [v / self.shards for v in self._group_sum(values)]
+        return super()._mean(group_mean)
+
+    def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int,
+                         measure: bool = False, idle: Collection[int] = ()) -> StepStats:
+        self.net.zero_grad(set_to_none=True)
+        if self.rank in idle:  # the whole group sits out (gasloc): no collective is started
+            return StepStats(torch.full((1,), math.nan, device=_model_device(self.net)), [math.nan] if measure else None)
+        (x, y), = batches
+        rows = x.shape[0] // self.shards
+        part = slice(self.shard * rows, (self.shard + 1) * rows)
+        # dropout: shard 0 draws worker r's stream; every other shard a stream of its own
+        with worker_rng(seed, self.rank + self.world_size * self.shard, step, _model_device(self.net)):
+            with _autocast(device, bf16):
+                _, loss = self.net(x[part].to(device), y[part].to(device))
+            loss.backward()
+        norms = None
+        if measure:
+            gsq = sum(float(self.local(p.grad).float().pow(2).sum()) for p in self.sharded_params
+                      if p.grad is not None)
+            norms = [self._group_sum([gsq])[0] ** 0.5]
+        return StepStats(loss.detach().reshape(1), norms)
+
+    def param_norms(self) -> list[float]:
+        sq = sum(float(self.local(p).detach().float().pow(2).sum()) for p in self.sharded_params)
+        return [self._group_sum([sq])[0] ** 0.5]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.sharded_params)
+
+    @torch.no_grad()
+    def evaluate(self, val_batches, device: str, bf16: bool) -> list[float]:
+        """Every shard runs the whole validation set (FSDP's forward is collective in the group);
+        they compute the same numbers. FSDP keeps the root's parameters gathered after a forward
+        that no backward follows: they are resharded here, so that training and the optimizer see
+        the sharded parameters again."""
+        loss = _eval_model(self.net, val_batches, device, bf16)
+        self.net.reshard()
+        return [loss]
+
+    def per_process(self, value: float) -> list[float]:
+        return self.comm.world_gather(value)  # type: ignore[attr-defined]
 
 
 def _eval_model(model: nn.Module, val_batches, device: str, bf16: bool) -> float:

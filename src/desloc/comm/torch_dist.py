@@ -80,6 +80,7 @@ class TorchDistComm(Communicator):
         self.bucket_bytes = int(bucket_bytes)
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.global_rank = dist.get_rank()  # in the default group (== rank unless ``group`` is a subgroup)
         self.ledger = CommLedger(self.world_size)
         self.buckets_reduced = 0  # network all-reduces issued (several per call when bucketed)
         self._flat_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -94,9 +95,15 @@ class TorchDistComm(Communicator):
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
+    def _locals(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors the network moves for ``tensors``: themselves here; a sharded replica group's
+        communicator (:class:`desloc.comm.mesh.MeshComm`) moves each DTensor's local shard."""
+        return list(tensors)
+
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
         self._check_args(tensors, tags)
         self._record_all_reduce(tensors, tags)
+        tensors = self._locals(tensors)
         by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
         for tensor in tensors:
             by_kind[(tensor.dtype, tensor.device)].append(tensor)
@@ -181,6 +188,7 @@ class TorchDistComm(Communicator):
         recv_from = [j for j, w in row if j != me and w > 0]
         send_to = [i for i, r in enumerate(neighbours) if i != me and any(j == me and w > 0 for j, w in r)]
         self._record_mix(tensors, tags, neighbours)  # every link of the round, as the simulator
+        tensors = self._locals(tensors)
         flat = torch.cat([t.reshape(-1) for t in tensors])
         received = {j: torch.empty_like(flat) for j in recv_from}
         peer = (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
