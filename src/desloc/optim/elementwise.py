@@ -231,6 +231,13 @@ def _by_step(counters: Tensors) -> dict[int, list[int]]:
     return groups
 
 
+def _local(tensors: Tensors) -> Tensors:
+    """Each tensor's local part: a sharded DTensor's shard (``to_local()``, a view, so the update
+    lands in the DTensor), any other tensor itself. The update is elementwise, so stepping every
+    shard is stepping the whole tensor (FSDP2 workers, ``desloc train --shard``)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 class ElementwiseOptimizer(torch.optim.Optimizer):
     """Base of :class:`~desloc.optim.adopt.ADOPT` and :class:`~desloc.optim.mtdao.MTDAO`.
 
@@ -280,8 +287,9 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
                 for run in _runs(params, idx):
                     ps, ss = [params[i] for i in run], [states[i] for i in run]
                     STEPS[rule.flavour](
-                        ps, [p.grad for p in ps], [[s[name] for s in ss] for name in rule.momenta],
-                        [s["exp_avg_sq"] for s in ss], t, group["lr"], rule.betas, rule.omegas, rule.beta2,
+                        _local(ps), _local([p.grad for p in ps]),
+                        [_local([s[name] for s in ss]) for name in rule.momenta],
+                        _local([s["exp_avg_sq"] for s in ss]), t, group["lr"], rule.betas, rule.omegas, rule.beta2,
                         group["eps"], group["weight_decay"],
                     )
             ops_for(counters).add_(counters, 1)
