@@ -146,7 +146,7 @@ class FtRuntime:
         group_size = int(os.environ.get("WORLD_SIZE", "1"))
         if group_size != 1:
             raise ConfigError(f"--ft runs one process per replica group (torchrun --nproc_per_node 1 per group), got "
-                              f"WORLD_SIZE={group_size}; a worker that is a sharded group of processes is issue 12")
+                              f"WORLD_SIZE={group_size}; sharded workers (--shard) run without --ft, under one torchrun")
         if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:  # torchrun: its agent's store
             self._store = None
             addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])

@@ -381,8 +381,10 @@ def _init_process_comm(cfg: TrainConfig, backend: str, timeout_s: float = 600.0)
         check_shard(cfg.shard, int(os.environ["WORLD_SIZE"]))  # before any process group exists
     init_from_env(backend, timeout_s=timeout_s)
     if cfg.shard > 1:
-        from desloc.comm.mesh import MeshComm, init_mesh
+        from desloc.comm.mesh import MeshComm, init_mesh, limit_cpu_heap_fragmentation
 
+        if backend == "gloo":
+            limit_cpu_heap_fragmentation()
         comm = MeshComm(init_mesh(cfg.shard, "cuda" if backend == "nccl" else "cpu"))
         if comm.world_size != cfg.workers:
             raise ConfigError(f"--workers {cfg.workers} but torchrun started {comm.world_size * cfg.shard} processes, "
