@@ -329,8 +329,10 @@ def run_job_rank(rank: int, job: dict) -> dict[str, dict]:
     return results
 
 
-def rank_main(rank: int, world_size: int, init_file: str, out_dir: str, job: dict, timeout_s: float) -> None:
-    """Entry point for ``torch.multiprocessing`` spawn: init gloo, run the job, save results."""
+def rank_main(rank: int, world_size: int, init_file: str, out_dir: str, job: dict, timeout_s: float,
+              run_job=None) -> None:
+    """Entry point for ``torch.multiprocessing`` spawn: init gloo, run the job (``run_job(rank, job)``,
+    default :func:`run_job_rank`), save results."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # 2 cores, up to 4 ranks
@@ -339,7 +341,7 @@ def rank_main(rank: int, world_size: int, init_file: str, out_dir: str, job: dic
         timeout=timedelta(seconds=timeout_s),
     )
     try:
-        results = run_job_rank(rank, job)
+        results = (run_job or run_job_rank)(rank, job)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
     except BaseException:

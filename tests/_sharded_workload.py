@@ -18,9 +18,6 @@ the ledger (a replica group's, and this process's), and the scalars (Adam's step
 
 from __future__ import annotations
 
-import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +25,7 @@ import torch
 from desloc import build_method
 from desloc.model import GPT, GPTConfig
 
+import _dist_workload
 from _dist_workload import STATE_NAMES, inner_config, method_config
 
 SEED = 4321
@@ -110,27 +108,22 @@ def run_unsharded(method: str, inner: str, group, rank: int) -> dict[str, Any]:
     return snap
 
 
-def rank_main(rank: int, world_size: int, init_file: str, out_dir: str, job: dict, timeout_s: float) -> None:
+def run_job(rank: int, job: dict) -> dict[str, Any]:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-    try:
-        pair = dist.new_group([0, 1])  # every process takes part in creating it
-        results: dict[str, Any] = {}
-        for method, inner in job["combos"]:
-            key = f"{method}/{inner}"
-            results[f"{key}/sharded"] = run_sharded(method, inner)
-            if job.get("whole"):
-                results[f"{key}/sharded-whole"] = run_sharded(method, inner, whole=True)
-            if rank < 2:
-                results[f"{key}/unsharded"] = run_unsharded(method, inner, pair, rank)
-            dist.barrier()
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    pair = dist.new_group([0, 1])  # every process takes part in creating it
+    results: dict[str, Any] = {}
+    for method, inner in job["combos"]:
+        key = f"{method}/{inner}"
+        results[f"{key}/sharded"] = run_sharded(method, inner)
+        if job.get("whole"):
+            results[f"{key}/sharded-whole"] = run_sharded(method, inner, whole=True)
+        if rank < 2:
+            results[f"{key}/unsharded"] = run_unsharded(method, inner, pair, rank)
         dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
+    return results
+
+
+def rank_main(rank: int, world_size: int, init_file: str, out_dir: str, job: dict, timeout_s: float) -> None:
+    """The spawn target: :func:`_dist_workload.rank_main` running :func:`run_job`."""
+    _dist_workload.rank_main(rank, world_size, init_file, out_dir, job, timeout_s, run_job=run_job)

@@ -152,10 +152,11 @@ def test_a_killed_worker_restarts_heals_from_a_peer_and_nothing_is_lost(tmp_path
         models = [job.final_model(i, steps) for i in range(3)]
         summaries = [job.summary(i) for i in range(3)]
         config = json.loads((job.out / "replica0" / "config.json").read_text())
-    # the survivors went on without the dead worker: their next commit after the kill had 2 participants
+    # the survivors went on without the dead worker: they committed rounds of 2 participants after the
+    # kill (the round in flight at the kill may still commit with 3 if the victim had done its part)
     for i in (0, 1):
         after = [r for r in rounds[i] if r["event"] == "commit" and r["t"] > kill_t]
-        assert after and after[0]["committed"] and after[0]["participants"] == 2, after[:2]
+        assert any(r["committed"] and r["participants"] == 2 for r in after), after[:4]
         assert summaries[i]["status"] == "complete" and summaries[i]["ft"]["heals"] == []
     # the restarted worker healed from a survivor, and then trained with the others to the end
     heals = [r for r in rounds[victim] if r["event"] == "round" and r.get("healed_from") is not None]

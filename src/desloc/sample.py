@@ -39,6 +39,18 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 200, temperature: flo
     corpus = Corpus.prepare(cfg.data)
     model = GPT(cfg.model_config(corpus.vocab_size))
     try:
+        if cfg.shard > 1:  # worker = a replica group: its DCP checkpoint, gathered into whole tensors
+            from desloc.comm.mesh import load_sharded_offline
+
+            rank = worker * cfg.shard  # shard 0 of the group
+            step = run.resume_step(list(range(cfg.workers * cfg.shard)))
+            if step is None:
+                raise FileNotFoundError(f"no valid checkpoint in {run.ckpt_root}")
+            skeleton = run.load_checkpoint(rank, step)
+            state = load_sharded_offline(skeleton, run.checkpoint_file(step, rank).parent / f"replica{worker}")
+            weights = state["model"]["module"]
+            model.load_state_dict(weights)
+            return _generate(model, corpus, prompt, tokens, temperature, top_k, seed)
         ckpt = run.load_checkpoint(0)  # simulator: one file with every worker
         state = ckpt["model"]
         if "stacked" in state:
@@ -48,6 +60,11 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 200, temperature: flo
     except FileNotFoundError as err:
         raise ConfigError(f"no checkpoint to sample from in {run.path}: {err}") from None
     model.load_state_dict(weights)
+    return _generate(model, corpus, prompt, tokens, temperature, top_k, seed)
+
+
+def _generate(model: GPT, corpus: Corpus, prompt: str, tokens: int, temperature: float, top_k: int | None,
+              seed: int) -> str:
     model.eval()
     ids = corpus.encode(prompt) or [0]
     gen = torch.Generator().manual_seed(seed)

@@ -409,12 +409,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_after: i
     """
     if cfg.ft is not None:
         return _train_ft(cfg, out, resume, stop_after, progress, overwrite)
-    check_resources(cfg)
     backend = _resolve_backend(cfg)
     if cfg.shard > 1 and backend == "sim":
         raise ConfigError(f"--shard {cfg.shard}: a sharded worker is {cfg.shard} processes, launched by torchrun; the "
                           f"simulator holds whole workers in one process. Run `torchrun --nproc_per_node "
                           f"{cfg.workers * cfg.shard} -m desloc train --shard {cfg.shard} ...` or drop --shard")
+    check_resources(cfg)
     if cfg.events and backend != "sim":
         raise ConfigError("--events changes the workers of a simulator run; under torchrun a worker that dies stops "
                           "the run (continue with --resume). Drop --events or run the simulator")

@@ -234,24 +234,28 @@ def split_dtensors(tree: Any, prefix: str = "") -> tuple[Any, dict[str, DTensor]
     return walk(tree, prefix), found
 
 
+def _refs(skeleton: Any):
+    """Every DTensor reference in ``skeleton``."""
+    if isinstance(skeleton, dict) and _REF in skeleton:
+        yield skeleton
+    elif isinstance(skeleton, dict):
+        for v in skeleton.values():
+            yield from _refs(v)
+    elif isinstance(skeleton, (list, tuple)):
+        for v in skeleton:
+            yield from _refs(v)
+
+
+def _dtype(ref: dict) -> torch.dtype:
+    return getattr(torch, ref["dtype"].removeprefix("torch."))
+
+
 def _templates(skeleton: Any, mesh: DeviceMesh, device: torch.device) -> dict[str, DTensor]:
-    out: dict[str, DTensor] = {}
-
-    def walk(x: Any) -> None:
-        if isinstance(x, dict) and _REF in x:
-            dtype = getattr(torch, x["dtype"].removeprefix("torch."))
-            loc = torch.empty(x["local_shape"], dtype=dtype, device=device)
-            out[x[_REF]] = DTensor.from_local(loc, mesh, [_placement(p) for p in x["placements"]],
-                                              run_check=False, shape=torch.Size(x["shape"]), stride=tuple(x["stride"]))
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-
-    walk(skeleton)
-    return out
+    """An empty DTensor of each reference's global shape, placement and local shape on ``mesh``."""
+    return {ref[_REF]: DTensor.from_local(torch.empty(ref["local_shape"], dtype=_dtype(ref), device=device), mesh,
+                                          [_placement(p) for p in ref["placements"]], run_check=False,
+                                          shape=torch.Size(ref["shape"]), stride=tuple(ref["stride"]))
+            for ref in _refs(skeleton)}
 
 
 def _fill(skeleton: Any, tensors: dict[str, DTensor]) -> Any:
@@ -284,4 +288,19 @@ def load_sharded(skeleton: Any, directory: Path, rmesh: ReplicaMesh, device: tor
 
     tensors = _templates(skeleton, rmesh.shard_mesh, torch.device(device))
     dcp.load(tensors, checkpoint_id=str(directory), process_group=rmesh.shard_group)
+    return _fill(skeleton, tensors)
+
+
+def load_sharded_offline(skeleton: Any, directory: Path) -> Any:
+    """A replica group's checkpoint as whole tensors, in one process without a process group
+    (``desloc sample`` on a ``--shard`` run): every DTensor reference becomes a plain tensor of
+    its global shape, read from the group's DCP checkpoint in ``directory``."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    tensors = {ref[_REF]: torch.empty(ref["shape"], dtype=_dtype(ref)) for ref in _refs(skeleton)}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(tensors, checkpoint_id=str(directory), no_dist=True)
     return _fill(skeleton, tensors)
