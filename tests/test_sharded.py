@@ -145,6 +145,9 @@ def test_cli_shard_summary(cli_runs):
     assert len(per_process) == 4 and per_process[0] + per_process[1] == summary["bytes_sent"]
     assert len(summary["peak_memory_per_process"]) == 4 and all(m > 0 for m in summary["peak_memory_per_process"])
     assert summary["params"] == plain["params"]
+    assert len(plain["peak_memory_per_process"]) == 2 and all(m > 2**20 for m in plain["peak_memory_per_process"])
+    assert plain["peak_memory_per_process"][0] == plain["peak_memory_bytes"]  # rank 0 wrote the summary
+    assert "shard" not in plain
 
 
 def test_cli_shard_matches_unsharded(cli_runs):
@@ -164,6 +167,7 @@ def test_cli_shard_resume_is_bitwise(cli_runs):
     a = json.loads((cli_runs["sharded"] / "summary.json").read_text())
     b = json.loads((cli_runs["resumed"] / "summary.json").read_text())
     assert a["final_val_loss"] == b["final_val_loss"] and a["bytes_by_state"] == b["bytes_by_state"]
+    assert a["shard"] == b["shard"]  # what each process sent survives the resume too
     # the final checkpoints hold the same bits (each replica group's DCP checkpoint, read offline)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -237,6 +237,8 @@ def load_state(s: Session, ckpt: dict[str, Any]) -> None:
     s.sched.load_state_dict(ckpt["scheduler"])
     if "clock" in ckpt:
         s.clock.load_state_dict(ckpt["clock"])
+    if "process_ledger" in ckpt:
+        s.workers.comm.process_ledger.load_state_dict(ckpt["process_ledger"])
     if "torchft" in ckpt and s.ft is not None and s.ft.healed is None:
         s.ft.manager.load_state_dict(ckpt["torchft"])  # own checkpoint: rounds committed so far
 
@@ -248,6 +250,8 @@ def checkpoint_state(s: Session, step: int, elapsed: float) -> dict[str, Any]:
              "clock": s.clock.state_dict()}
     if s.ft is not None:
         state["torchft"] = s.ft.manager.state_dict()
+    if hasattr(s.workers.comm, "process_ledger"):  # --shard: what this process sent (its shards)
+        state["process_ledger"] = s.workers.comm.process_ledger.state_dict()
     return state
 
 

@@ -123,7 +123,7 @@ def limit_cpu_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     from the heap, which fragments and keeps growing: measured on the 125m preset, a sharded
     process's resident memory grew by ~0.3 GB per step and peaked above the unsharded process's.
     A fixed threshold (which also turns off glibc's adjustment) returns them to the system when
-    freed: the same run then peaks at 1.4 GB against 2.0 GB unsharded (benchmarks/README.md,
+    freed: the same run then peaks at 1.37 GiB against 1.95 GiB unsharded (benchmarks/README.md,
     sharded_memory). Returns False where there is no glibc (nothing is changed)."""
     import ctypes
     import ctypes.util
