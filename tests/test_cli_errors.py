@@ -25,25 +25,11 @@ from desloc.data import corpus as data
 from desloc.errors import ConfigError, DeslocWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli_helpers import error_line
+from _cli_helpers import TORCHRUN_VARS, error_line, without
 
 TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
         "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
         "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-def without(args: list[str], *flags: str) -> list[str]:
-    """``args`` minus each flag in ``flags`` and its value."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in flags:
-            skip = True
-        else:
-            out.append(a)
-    return out
 
 
 @pytest.fixture(scope="module")

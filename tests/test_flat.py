@@ -26,7 +26,6 @@ from desloc.algorithms import MethodConfig, build_method
 from desloc.comm import SimulatedComm
 from desloc.comm.base import Communicator
 from desloc.errors import ConfigError
-from desloc.optim import InnerConfig
 from desloc.timing import NetworkProfile, TimeModel, VirtualClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

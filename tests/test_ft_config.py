@@ -32,7 +32,7 @@ from desloc.records import RunDir
 from desloc.train import TrainConfig, _check_run_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli_helpers import error_line
+from _cli_helpers import TORCHRUN_VARS, error_line, without
 
 TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
         "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
@@ -43,21 +43,7 @@ TIMEOUT_FLAGS = {"timeout_s": "--ft-timeout", "quorum_timeout_s": "--ft-quorum-t
 # what `desloc train` prints from train()'s summary (cli._cmd_train)
 SUMMARY_KEYS = ("method", "workers", "steps", "tokens", "final_val_loss", "final_val_ppl", "bytes_sent",
                 "ratio_vs_ddp", "wall_time_s", "network", "modeled_time_s", "speedup_vs_ddp_modeled")
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 FT_ENV = ("REPLICA_GROUP_ID", "TORCHFT_LIGHTHOUSE")
-
-
-def without(args: list[str], *flags: str) -> list[str]:
-    """``args`` minus each flag in ``flags`` and its value."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in flags:
-            skip = True
-        else:
-            out.append(a)
-    return out
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _cli_helpers import error_line
+from _cli_helpers import TORCHRUN_VARS, error_line
 from _dist_workload import spawn_ranks
 
 import _sharded_workload as work
@@ -98,7 +98,7 @@ COMMON = ["--model", "tiny", "--set", "n_layer=2", "--set", "n_embd=64", "--set"
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+    for key in TORCHRUN_VARS:
         env.pop(key, None)
     return env
 
