@@ -484,6 +484,11 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
                           "new run with more --steps", summary)
     ranks = [0] if backend in ("sim", "torchft") else list(range(cfg.workers * cfg.shard))
     step = run.resume_step(ranks)
+    if step == cfg.steps and summary is None:  # finished, but summary.json was lost or damaged
+        why = run.summary_damage() or "it is missing"
+        raise RunDirError(f"the run in {run.path} finished (its checkpoint is at step {step} of {cfg.steps}) but "
+                          f"{run.path / 'summary.json'} is unusable: {why}; resuming cannot recompute its final "
+                          "numbers. Start it again with --overwrite (same settings: the same result)")
     if step is None and backend == "torchft":
         return None  # a worker restarted before its first checkpoint: its state comes from a peer
     if step is None and (run.read_metrics() or run.checkpoint_steps()):
@@ -493,9 +498,10 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, backend: str) -> int | None:
 
 
 def unresolved_defaults() -> dict[str, Any]:
-    """TrainConfig defaults before methods resolve their periods (so --kx moves K_u and K_v)."""
+    """TrainConfig defaults before methods resolve what follows from K_x (so --kx moves K_u, K_v and
+    the outer momentum mu(K_x)): those fields go back to ``"auto"``."""
     d = TrainConfig().to_dict()
-    d["method"].update(period_u="auto", period_v="auto")
+    d["method"].update(period_u="auto", period_v="auto", outer_momentum="auto")  # mu(H) follows --kx
     d["inner"].update(beta2=None, eps=None)
     d["warmup_steps"] = None
     return d

@@ -11,8 +11,11 @@ copies), so LR schedulers built on the wrapper drive the inner optimizer, before
 wrapper adds the group to the inner optimizer. Methods that keep per-parameter state of their own
 extend it in ``_on_param_group_added`` (DES-LOC's outer-optimizer anchor, GASLoC's anchor): a
 group added on every worker, in the same order, is stepped by the inner optimizer and synced like
-the others. Step hooks (``register_step_pre_hook`` / ``register_step_post_hook``) registered on
-the wrapper run around the wrapper's ``step``.
+the others. Step hooks (``register_step_pre_hook`` / ``register_step_post_hook``, and torch's
+global ones) registered on the wrapper run around the wrapper's ``step``, and they see what a
+blocking run shows: when any step hook is registered, overlapped syncs are finished before the
+pre-hooks and after the step (so a hook that reads optimizer states reads the averages; the
+overlap is given up for such runs only).
 
 Zero-copy syncs (``zero_copy=True``, the default): the tensors of every tag the method
 all-reduces (:meth:`_flat_tags`: parameters, synced states, DDP's gradients) are re-homed into
@@ -33,6 +36,7 @@ does).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -141,6 +145,32 @@ class SyncedOptimizer(torch.optim.Optimizer):
     def _on_param_group_added(self, params: list[torch.Tensor]) -> None:
         """Hook: ``params`` were just added to the inner optimizer (after the existing ones)."""
 
+    def _patch_step_function(self) -> None:
+        """torch wraps the class's ``step`` so that the step hooks run around it; desloc wraps that
+        once more so that, when hooks exist, overlapped syncs finish before the pre-hooks run."""
+        super()._patch_step_function()
+        cls = type(self)
+        if getattr(cls.step, "_finishes_syncs_before_hooks", False):
+            return
+        hooked = cls.step
+
+        @functools.wraps(hooked)  # keeps torch's ``hooked`` mark: torch does not wrap it again
+        def step(opt: "SyncedOptimizer", *args: Any, **kwargs: Any) -> Any:
+            if opt._has_step_hooks("pre"):
+                opt._finish_in_flight()
+            return hooked(opt, *args, **kwargs)
+
+        step._finishes_syncs_before_hooks = True  # type: ignore[attr-defined]
+        cls.step = step  # type: ignore[method-assign]
+
+    def _has_step_hooks(self, when: str) -> bool:
+        """Whether step hooks (``when`` = "pre" or "post", on this optimizer or torch's global ones) exist."""
+        from torch.optim import optimizer as torch_optimizer
+
+        mine = self.__dict__.get(f"_optimizer_step_{when}_hooks") or {}
+        glob = getattr(torch_optimizer, f"_global_optimizer_{when}_hooks", None) or {}
+        return bool(mine) or bool(glob)
+
     # ----------------------------------------------------------------- contract
     @property
     def params(self) -> list[torch.Tensor]:
@@ -195,6 +225,8 @@ class SyncedOptimizer(torch.optim.Optimizer):
         if self.zero_copy and self.global_step == 1:
             self._ensure_flat()  # the states exist now: re-home them once (later: only if replaced)
         self._after_local_step()
+        if self._has_step_hooks("post"):
+            self._finish_in_flight()  # post-hooks read what a blocking sync leaves
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

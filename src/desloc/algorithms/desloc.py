@@ -55,7 +55,7 @@ algorithm; overlapped Local SGD, Streaming DiLoCo's delayed outer step, Douillar
                            x^m  <- x^m + (xbar - x_snap)
 
 d = 0 is the blocking sync exactly (the code path is the blocking one, bit for bit); the rule with
-d >= 1 is tested against a float64 reference (tests/test_overlap.py). A checkpoint taken while
+d >= 1 is tested against a float64 reference (tests/test_flat.py). A checkpoint taken while
 the snapshot is in flight waits for its all-reduce and stores E_m[x_snap] and x_snap with the
 step to apply them, so a resumed run applies the same update at the same step.
 
@@ -83,12 +83,15 @@ from desloc.errors import ConfigError, check_period
 @dataclass
 class DelayedParams:
     """A parameter sync in flight: E_m[x_snap] arrives in ``mean`` (flat buffers, once the
-    handles are done), ``original`` holds x_snap; applied after step ``apply_step``."""
+    handles are done), ``original`` holds x_snap; applied after step ``apply_step``. It covers
+    the first ``n_params`` parameters: those that existed at the snapshot (a group added while it
+    is in flight has no average in flight; its parameters are averaged from the next sync on)."""
 
     apply_step: int
     handles: list[PendingReduce]
     mean: list[torch.Tensor]
     original: list[torch.Tensor]
+    n_params: int
 
 
 class DesLoc(SyncedOptimizer):
@@ -149,18 +152,20 @@ class DesLoc(SyncedOptimizer):
             original = [b.clone() for b in self.flat_buffers("params")]
             mean = [b.clone() for b in original]
             handles = self._sync(states, hidden, extra=[("params", mean, self.param_delay)])
-            self.delayed = DelayedParams(self.global_step + self.param_delay, handles["params"], mean, original)
-        else:
-            blocking_params = ["params"] if "params" in due else []
-            handles = self._sync(blocking_params + states, [0] * len(blocking_params) + hidden)
-            if blocking_params:
-                self._finish_param_sync()
-                self._reset_states()
-        for tag in states:
-            self._in_flight += handles.get(tag, [])
+            self.delayed = DelayedParams(self.global_step + self.param_delay, handles["params"], mean, original,
+                                         len(self.params))
+            self._in_flight += [h for tag in states for h in handles.get(tag, [])]
+            return
+        blocking_params = ["params"] if "params" in due else []
+        handles = self._sync(blocking_params + states, [0] * len(blocking_params) + hidden)
+        self._in_flight += [h for tag in states for h in handles.get(tag, [])]
+        if blocking_params:
+            self._finish_param_sync()
+            self._reset_states()  # waits for this step's state averages first
 
     def _reset_states(self) -> None:
         if self.reset_states_on_param_sync:
+            self._finish_in_flight()  # a state average still in flight would land on the zeros
             for name in self.state_periods:
                 for s in self.state_tensors(name):
                     s.zero_()
@@ -171,14 +176,19 @@ class DesLoc(SyncedOptimizer):
         delayed, self.delayed = self.delayed, None
         for h in delayed.handles:
             h.wait()
-        layout = self._flat["params"]
-        if self.outer is None:
-            for x, mean, original in zip(self.flat_buffers("params"), delayed.mean, delayed.original):
+        buffers = self.flat_buffers("params")  # re-homed if a group was added since the snapshot
+        layout, n = self._flat["params"], delayed.n_params
+        if self.outer is None and n == len(self.params):
+            for x, mean, original in zip(buffers, delayed.mean, delayed.original):
                 x.add_(mean - original)
-        else:
+        elif self.outer is None:  # elementwise, so the same numbers as the flat update
+            for x, mean, original in zip(self.params, layout.views_of(delayed.mean, n),
+                                         layout.views_of(delayed.original, n)):
+                x.add_(mean - original)
+        else:  # the outer step sees the snapshot's parameters only (newer anchors get no gradient)
             self._check_common_start()
-            self.outer.step(layout.views_of(delayed.mean))
-            for x, xbar, original in zip(self.params, self.outer.anchor, layout.views_of(delayed.original)):
+            self.outer.step(layout.views_of(delayed.mean, n))
+            for x, xbar, original in zip(self.params, self.outer.anchor, layout.views_of(delayed.original, n)):
                 x.add_(xbar - original)
                 xbar.grad = None
         self._reset_states()
@@ -215,7 +225,7 @@ class DesLoc(SyncedOptimizer):
     def _extra_state(self) -> dict[str, Any]:
         out = {} if self.outer is None else self.outer.state_dict()
         if self.delayed is not None:  # received (state_dict waited for it), not yet applied
-            out["delayed_params"] = {"apply_step": self.delayed.apply_step,
+            out["delayed_params"] = {"apply_step": self.delayed.apply_step, "n_params": self.delayed.n_params,
                                      "mean": [t.detach().clone() for t in self.delayed.mean],
                                      "original": [t.detach().clone() for t in self.delayed.original]}
         return out
@@ -226,10 +236,12 @@ class DesLoc(SyncedOptimizer):
         self.delayed = None
         saved = state.get("delayed_params")
         if saved is not None:
-            self.flat_buffers("params")
-            mean = [t.clone() for t in saved["mean"]]
+            # on the parameters' devices (a checkpoint is read onto the CPU), one buffer per kind
+            homes = self.flat_buffers("params")
+            mean = [t.to(home.device, copy=True) for t, home in zip(saved["mean"], homes)]
+            original = [t.to(home.device, copy=True) for t, home in zip(saved["original"], homes)]
             self.delayed = DelayedParams(int(saved["apply_step"]), [PendingReduce(t) for t in mean], mean,
-                                         [t.clone() for t in saved["original"]])
+                                         original, int(saved.get("n_params", len(self.params))))
 
     # ------------------------------------------------------------------ record
     def config_dict(self) -> dict[str, Any]:

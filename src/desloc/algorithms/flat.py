@@ -31,7 +31,10 @@ import torch
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` address the same elements the same way (the same view, or one of them)."""
+    """``a`` and ``b`` address the same elements the same way (the same view, or one of them).
+    A missing tensor (a gradient set to None) is no view of anything."""
+    if a is None or b is None:
+        return a is b
     return (a is b) or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
                         and a.dtype == b.dtype and a.device == b.device)
 
@@ -137,9 +140,12 @@ class FlatGroup:
             if not _same_view(tensors[i], self.views[i]):
                 self.views[i].copy_(tensors[i])
 
-    def views_of(self, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The same layout over other buffers (e.g. a snapshot of the parameters)."""
+    def views_of(self, buffers: Sequence[torch.Tensor], count: int | None = None) -> list[torch.Tensor]:
+        """The same layout over other buffers (e.g. a snapshot of the parameters); ``count``: only
+        the first ``count`` tensors. Tensors appended later (``add_param_group``) go after the
+        earlier ones in their kind's buffer, so the first ``count`` views of a grown layout read a
+        snapshot taken before it grew."""
         out = []
-        for (b, offset, n), v in zip(self.slots, self.views):
+        for (b, offset, n), v in zip(self.slots[:count], self.views[:count]):
             out.append(self._view(buffers[b], offset, v))
         return out

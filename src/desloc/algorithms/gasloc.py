@@ -1,6 +1,6 @@
 r"""GASLoC: gossip between sparse random peers, with a local outer optimizer and local steps.
 
-The paper's exact accelerated rule is not available to us (shared/papers.md section 5); this is
+The paper's exact accelerated rule is not public (the project's paper notes, section 5); this is
 the design stated there, derived so that the complete graph recovers DiLoCo exactly.
 
 Each worker i keeps an outer copy xbar_i and an outer momentum m_i. A round has H global steps;

@@ -10,8 +10,8 @@ keep/reset-states and DiLoCo K_j = None); GASLoC ``{"params": H}`` (its gossip r
 engine executes exactly ``due(t)`` (``tests/test_fake_comm.py`` checks every call against it),
 :meth:`SyncSchedule.count` gives how often a tag is sent in T steps (``expected_bytes``,
 ``tests/test_ledger.py``), and anything that needs to know what is sent when (a time model, a
-planner) asks the same object; ``tests/test_schedule.py`` checks it against the rules of
-``shared/papers.md`` written out by hand.
+planner) asks the same object; ``tests/test_schedule.py`` checks it against the papers' rules
+written out by hand.
 """
 
 from __future__ import annotations

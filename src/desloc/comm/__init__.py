@@ -1,4 +1,6 @@
-"""Communication: one interface (:class:`Communicator`), two implementations, one ledger."""
+"""Communication: one interface (:class:`Communicator`), one ledger, and its implementations: the
+simulator (:class:`SimulatedComm`), torch.distributed (:class:`TorchDistComm`), FSDP2 replica groups
+(:mod:`desloc.comm.mesh`) and torchft (:mod:`desloc.comm.torchft_comm`)."""
 
 from desloc.comm.base import Communicator
 from desloc.comm.ledger import CommLedger
