@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from desloc import build_method
 from desloc.comm import SimulatedComm
 from desloc.errors import ConfigError
-from desloc.membership import (Event, live_workers, parse_events, resize_clock_state, resize_optimizer_state,
-                               resize_tree, worker_steps)
+from desloc.membership import (Event, averaged_states, live_workers, parse_events, resize_clock_state,
+                               resize_optimizer_state, resize_tree, row_mean, worker_steps)
+from desloc.sim import StackedReplicas
 from desloc.train import TrainConfig
 
 from _runs import assert_same, desloc, final_state, stop_and_resume  # noqa: E402
@@ -67,20 +70,21 @@ def _trained(method="local-adam", m=2, steps=4):
     return replicas, opt
 
 
-def _rebuilt(replicas, opt, new, policy, checkpoint_state=None, method="local-adam"):
+def _rebuilt(replicas, opt, new, policy, checkpoint_means=None, method="local-adam"):
     old = replicas.world_size
     r2, o2 = wl.build_sim(method, "adamw", new)
     r2.load_state_dict(resize_tree(replicas.state_dict(), old, new))
-    o2.load_state_dict(resize_optimizer_state(copy.deepcopy(opt.state_dict()), old, new, policy, checkpoint_state))
+    o2.load_state_dict(resize_optimizer_state(copy.deepcopy(opt.state_dict()), old, new, policy, checkpoint_means))
     return r2, o2
 
 
 @pytest.mark.parametrize("policy", ["average", "zeros", "checkpoint"])
 def test_joining_workers_start_from_the_live_average(policy):
     replicas, opt = _trained(steps=4)  # K = 3: synced at 3, apart again after step 4
-    saved = copy.deepcopy(opt.state_dict()["inner"]["state"])  # "the last checkpoint"
+    saved_sd = copy.deepcopy(opt.state_dict())  # "the last checkpoint"
+    saved = saved_sd["inner"]["state"]
     wl.train_sim(replicas, opt, 4, 5)
-    r2, o2 = _rebuilt(replicas, opt, 4, policy, saved if policy == "checkpoint" else None)
+    r2, o2 = _rebuilt(replicas, opt, 4, policy, averaged_states(saved_sd) if policy == "checkpoint" else None)
     for name, p in r2.named_parameters():  # parameters: always the average of the live workers
         old = replicas.stacked[name]
         assert torch.equal(p[:2], old) and torch.allclose(p[2], old.mean(0)) and torch.equal(p[2], p[3])
@@ -131,6 +135,45 @@ def test_dropping_keeps_the_first_workers():
     assert grown["time"] == [1.0, 2.0, 2.0, 2.0] and grown["compute"][2:] == [0.0, 0.0]
 
 
+# ------------------------------------------------------- joiners of an outer optimizer (issue 18, 2)
+def _outer_sim(method, m):
+    """``method`` on the MLP with outer momentum 0.9 (so the outer state holds a momentum buffer)."""
+    cfg = dataclasses.replace(wl.method_config(method, m), outer_momentum=0.9)
+    replicas = StackedReplicas(wl.make_model(wl.SEED, "mlp"), m)
+    icfg = wl.inner_config("adamw")
+    return replicas, build_method(cfg, icfg.build(replicas.parameters()), SimulatedComm(m), icfg.state_roles())
+
+
+@pytest.mark.parametrize("method, old, new", [("diloco", 3, 4), ("desloc+nesterov", 3, 4), ("desloc+nesterov", 5, 6),
+                                              ("diloco", 5, 7), ("diloco", 3, 2), ("desloc+nesterov", 5, 3)])
+def test_replicated_outer_state_is_copied_to_joiners(method, old, new):
+    """The outer anchor and momentum are the same on every worker: a joiner gets that row bitwise
+    (a float mean of 3 or 5 equal rows is not it, and the next outer step refused the joiner),
+    the live workers keep theirs, and after the next sync every worker holds the same parameters."""
+    replicas, opt = _outer_sim(method, old)
+    wl.train_sim(replicas, opt, 0, 5)  # K_x = 3 (diloco) or 2 (desloc): outer steps taken, mid-round now
+    r2, o2 = _outer_sim(method, new)
+    r2.load_state_dict(resize_tree(replicas.state_dict(), old, new))
+    o2.load_state_dict(resize_optimizer_state(copy.deepcopy(opt.state_dict()), old, new, "average"))
+    for a_old, a_new in zip(opt.anchor, o2.anchor):
+        assert all(torch.equal(a_old[m], a_old[0]) for m in range(old))  # replicated before the event
+        assert all(torch.equal(a_new[m], a_old[0]) for m in range(new))
+        mu_old, mu_new = (o.outer.optimizer.state[a]["momentum_buffer"] for o, a in ((opt, a_old), (o2, a_new)))
+        assert mu_old.abs().sum() > 0 and all(torch.equal(mu_new[m], mu_old[0]) for m in range(new))
+    wl.train_sim(r2, o2, 5, 6)  # the next outer step (step 6 for both periods) accepts every worker
+    for p in r2.parameters():
+        assert all(torch.equal(p[m], p[0]) for m in range(new))
+
+
+def test_row_mean_copies_equal_rows_and_averages_others():
+    row = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for m in (2, 3, 5, 6, 7):
+        assert torch.equal(row_mean(row.expand(m, 1000)), row)
+    assert not torch.equal(row.expand(3, 1000).mean(0), row)  # why: ~14% of these means are not the row
+    rows = torch.tensor([[1.0, 2.0], [2.0, 4.0], [6.0, 0.0]], dtype=torch.bfloat16)
+    assert row_mean(rows).dtype == torch.bfloat16 and row_mean(rows).tolist() == [3.0, 2.0]
+
+
 # ------------------------------------------------------------------------------- end to end
 SMALL = ["--workers", "2", "--steps", "12", "--batch-size", "2", "--seq-len", "32", "--kx", "3",
          "--eval-every", "6", "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "4",
@@ -164,3 +207,25 @@ def test_resume_across_events_is_bitwise(straight, tmp_path, env, stop_after):
     out = tmp_path / "resumed"
     stop_and_resume(SMALL, env, out, stop_after=stop_after)
     assert_same(final_state(straight, workers=3), final_state(out, workers=3))
+
+
+TINY = ["--steps", "12", "--batch-size", "2", "--seq-len", "16", "--kx", "3", "--eval-every", "12",
+        "--eval-batches", "1", "--log-every", "4", "--ckpt-every", "4", "--tokenizer", "byte", "--set", "n_layer=1",
+        "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
+
+
+@pytest.mark.parametrize("method, workers, events, final", [
+    ("diloco", 3, "4:add=1", 4),  # the issue's `desloc train --method diloco --workers 3 --events 4:add=1 --kx 3`
+    ("desloc+nesterov", 5, "4:add=1,8:drop=3", 3),
+    ("diloco", 5, "4:drop=2,8:add=3", 6),
+])
+def test_a_run_with_an_outer_optimizer_takes_joiners(method, workers, events, final, tmp_path, env, monkeypatch):
+    """Issue 18 item 2 end to end: the next outer step used to refuse a joiner of M = 3 or 5 workers."""
+    from desloc.cli import main
+
+    monkeypatch.setenv("DESLOC_CACHE", env["DESLOC_CACHE"])
+    outer = ["--method", "desloc", "--outer", "nesterov"] if method == "desloc+nesterov" else ["--method", method]
+    out = tmp_path / "run"
+    assert main(["train", *outer, "--outer-momentum", "0.9", "--workers", str(workers), "--events", events, *TINY,
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["workers_final"] == final

@@ -34,33 +34,44 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 200, temperature: flo
     except ValueError as err:  # json.JSONDecodeError
         raise ConfigError(f"{run.path / 'config.json'} is not valid JSON ({err}); is it a desloc run?") from None
     cfg = TrainConfig.from_dict(saved)
-    if not 0 <= worker < cfg.workers:
-        raise ConfigError(f"--worker must be in [0, {cfg.workers}), got {worker}")
-    corpus = Corpus.prepare(cfg.data)
-    model = GPT(cfg.model_config(corpus.vocab_size))
+    if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+        raise ConfigError(f"--worker must be an integer >= 0, got {worker!r}")
     try:
         if cfg.shard > 1:  # worker = a replica group: its DCP checkpoint, gathered into whole tensors
             from desloc.comm.mesh import load_sharded_offline
 
-            rank = worker * cfg.shard  # shard 0 of the group
             step = run.resume_step(list(range(cfg.workers * cfg.shard)))
             if step is None:
                 raise FileNotFoundError(f"no valid checkpoint in {run.ckpt_root}")
+            _check_worker(worker, cfg.workers, step, run.path, cfg.workers)
+            rank = worker * cfg.shard  # shard 0 of the group
             skeleton = run.load_checkpoint(rank, step)
             state = load_sharded_offline(skeleton, run.checkpoint_file(step, rank).parent / f"replica{worker}")
             weights = state["model"]["module"]
-            model.load_state_dict(weights)
-            return _generate(model, corpus, prompt, tokens, temperature, top_k, seed)
-        ckpt = run.load_checkpoint(0)  # simulator: one file with every worker
-        state = ckpt["model"]
-        if "stacked" in state:
-            weights = {k: v[worker] for k, v in state["stacked"].items()}
         else:
-            weights = run.load_checkpoint(worker)["model"]["module"]
+            ckpt = run.load_checkpoint(0)  # simulator: one file with every worker; torchrun: rank 0's
+            stacked = ckpt["model"].get("stacked")
+            workers = next(iter(stacked.values())).shape[0] if stacked else ckpt["optimizer"]["desloc"]["world_size"]
+            _check_worker(worker, workers, ckpt["step"], run.path, cfg.workers)
+            if stacked:
+                weights = {k: v[worker] for k, v in stacked.items()}
+            else:
+                weights = run.load_checkpoint(worker, ckpt["step"])["model"]["module"]
     except FileNotFoundError as err:
         raise ConfigError(f"no checkpoint to sample from in {run.path}: {err}") from None
+    corpus = Corpus.prepare(cfg.data)
+    model = GPT(cfg.model_config(corpus.vocab_size))
     model.load_state_dict(weights)
     return _generate(model, corpus, prompt, tokens, temperature, top_k, seed)
+
+
+def _check_worker(worker: int, workers: int, step: int, run: Path, started: int) -> None:
+    """``worker`` must be one of the ``workers`` in the checkpoint of ``step`` (``--events`` may have
+    changed them from the ``started`` of the run)."""
+    if worker >= workers:
+        changed = f", --events changed them from {started}" if workers != started else ""
+        raise ConfigError(f"--worker must be in [0, {workers}): the checkpoint of step {step} in {run} holds "
+                          f"{workers} worker(s){changed}; got {worker}")
 
 
 def _generate(model: GPT, corpus: Corpus, prompt: str, tokens: int, temperature: float, top_k: int | None,
