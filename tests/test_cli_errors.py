@@ -170,6 +170,7 @@ def test_sample_without_a_run(tmp_path, cache, capsys):
     (["--methods", "ddp,ddp"], ["--methods names ddp more than once", "twice"]),
     (["--seeds", "0,0"], ["--seeds names 0 more than once"]),
     (["--seeds", "0,x"], ["--seeds must be comma-separated integers"]),
+    (["--seed", "3"], ["--seed 3 would be ignored by compare", "--seeds 3"]),
 ])
 def test_compare_lists(flags, fragments, tmp_path, cache, capsys):
     refused_early(capsys, cache, ["compare", *TINY, *flags, "--out", str(tmp_path / "cmp")], *fragments)
@@ -234,6 +235,13 @@ def test_kx_larger_than_steps_is_irrelevant_for_ddp():
     (["--join-states", "zeros"], ["--join-states", "no worker joins"]),
     (["--events", "2:drop=1", "--join-states", "zeros"], ["--join-states", "no worker joins"]),
     (["--events", "2:grow=1"], ["--events", "STEP:add=N"]),
+    (["--ku", "none", "--kv", "none", "--no-overlap"], ["--no-overlap", "no optimizer state is ever synced"]),
+    (["--method", "mtdao", "--momentum-periods", "none,none", "--kv", "none", "--no-overlap"], ["--no-overlap"]),
+    (["--method", "gasloc", "--topology", "ring", "--gossip-seed", "3"], ["--gossip-seed", "ring topology"]),
+    (["--method", "gasloc", "--topology", "complete", "--gossip-seed", "3"], ["--gossip-seed", "complete"]),
+    (["--step-time", "0.1", "--mfu", "0.5"], ["--mfu", "--step-time gives the modeled step time"]),
+    (["--step-time", "0.1", "--peak-tflops", "100"], ["--peak-tflops", "--step-time"]),
+    (["--network", "free", "--link-speeds", "1,0.5"], ["--link-speeds", "infinite bandwidth"]),
 ])
 def test_flags_the_method_ignores_are_refused(flags, fragments, tmp_path, cache, capsys):
     refused_early(capsys, cache, train_args(tmp_path, *flags), *fragments)
@@ -634,6 +642,11 @@ def test_argparse_errors_are_one_line(tmp_path, cache, capsys):
     (["--methods", "ddp,ddp"], "toy methods name ddp more than once"),
     (["--sigma", "inf"], "sigma"),
     (["--lr", "nan"], "lr must be a finite number"),
+    (["--lr", "0"], "toy lr (--lr) must be > 0"),
+    (["--beta2", "1"], "toy beta2 (--beta2) must be in [0, 1)"),
+    (["--mt-betas", "0.9,0.99"], "--mt-betas would be ignored by every method in --methods"),
+    (["--methods", "ddp", "--ku", "4"], "--ku would be ignored"),
+    (["--methods", "mtdao", "--mt-betas", "0.9,1.5"], "betas[1] must be in [0, 1)"),
 ])
 def test_toy_bad_input(flags, fragment, tmp_path, capsys):
     line = error_line(capsys, ["toy", "--steps", "4", "--workers", "2", *flags, "--out", str(tmp_path / "toy")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -65,15 +66,17 @@ def _add_toy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sigma", type=float, default=d.sigma, help="gradient noise std")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta1", type=float, default=argparse.SUPPRESS, help=f"Adam's beta1 (default {d.beta1})")
     p.add_argument("--beta2", type=float, default=d.beta2)
     p.add_argument("--kx", type=_period, default=d.period_x, help="K_x (also local-adam's K)")
-    p.add_argument("--ku", type=_period, default=d.period_u, help="K_u for desloc")
-    p.add_argument("--kv", type=_period, default=d.period_v, help="K_v for desloc")
+    p.add_argument("--ku", type=_period, default=argparse.SUPPRESS, help=f"K_u for desloc (default {d.period_u})")
+    p.add_argument("--kv", type=_period, default=argparse.SUPPRESS, help=f"K_v for desloc (default {d.period_v})")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated methods; also diloco, gasloc[@topology], mtdao, desloc+nesterov")
-    p.add_argument("--mt-betas", type=_float_list, default=d.mt_betas, help="mtdao momentum decays")
-    p.add_argument("--mt-omegas", type=_float_list, default=d.mt_omegas, help="mtdao mixing weights")
+    p.add_argument("--mt-betas", type=_float_list, default=argparse.SUPPRESS,
+                   help=f"mtdao momentum decays (default {','.join(map(str, d.mt_betas))})")
+    p.add_argument("--mt-omegas", type=_float_list, default=argparse.SUPPRESS,
+                   help=f"mtdao mixing weights (default {','.join(map(str, d.mt_omegas))})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/toy-<time>)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -81,13 +84,25 @@ def _add_toy(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_toy(args: argparse.Namespace) -> int:
+    from desloc.records import dumps
     from desloc.toy import ToyConfig, format_table, run_toy
 
+    d = ToyConfig()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    names = {parse_method_spec(m)["name"] for m in methods}
+    unused = {}
+    if "mtdao" not in names:
+        unused.update({f: "no mtdao in --methods" for f in ("--mt-betas", "--mt-omegas") if hasattr(args, f[2:].replace("-", "_"))})
+    if "desloc" not in names:
+        unused.update({f: "only desloc takes K_u and K_v" for f in ("--ku", "--kv") if hasattr(args, f[2:])})
+    if names <= {"mtdao"} and hasattr(args, "beta1"):
+        unused["--beta1"] = "mtdao's momenta are --mt-betas"
+    _refuse_unused(unused, f"by every method in --methods ({', '.join(methods)})")
     cfg = ToyConfig(workers=args.workers, sigma=args.sigma, steps=args.steps, lr=args.lr,
-                    beta1=args.beta1, beta2=args.beta2, period_x=args.kx, period_u=args.ku,
-                    period_v=args.kv, seed=args.seed, mt_betas=tuple(args.mt_betas),
-                    mt_omegas=tuple(args.mt_omegas),
-                    methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+                    beta1=getattr(args, "beta1", d.beta1), beta2=args.beta2, period_x=args.kx,
+                    period_u=getattr(args, "ku", d.period_u), period_v=getattr(args, "kv", d.period_v),
+                    seed=args.seed, mt_betas=tuple(getattr(args, "mt_betas", d.mt_betas)),
+                    mt_omegas=tuple(getattr(args, "mt_omegas", d.mt_omegas)), methods=methods)
     out = args.out or _default_out("toy")
     record = run_toy(cfg, out, progress=sys.stderr.isatty())
     if args.json:
@@ -96,7 +111,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
             "methods": {n: {k: v for k, v in r.items() if k != "distance"} for n, r in record["methods"].items()},
             "run_dir": str(out),
         }
-        print(json.dumps(slim, indent=2))
+        print(dumps(slim, indent=2))
     else:
         print(format_table(record))
         print(f"\nrecords and plot: {out}/ (toy.json, toy.png, config.json)")
@@ -128,7 +143,7 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--events",), dict(help="simulator membership events, e.g. 16:add=4,48:drop=2 (workers join / leave "
                               "after that step)"), ("events",)),
     (("--join-states",), dict(help="a joining worker's optimizer states: average (default) | zeros | checkpoint "
-                                   "(the averages in the last checkpoint)"), ("join_states",)),
+                                   "(the averages in the last --ckpt-every checkpoint)"), ("join_states",)),
     (("--inner",), dict(help="inner optimizer: adamw | sgdm | adopt | mtdao | mtdao-adam"), ("inner", "name")),
     (("--mt-betas",), dict(type=_float_list, help="MT-DAO momentum decays, e.g. 0.9,0.99"), ("inner", "mt_betas")),
     (("--mt-omegas",), dict(type=_float_list, help="MT-DAO mixing weights, e.g. 0.45,0.45"), ("inner", "mt_omegas")),
@@ -308,6 +323,19 @@ def _unused_flags(args: argparse.Namespace, cfg, in_compare: bool = False) -> di
         refuse("join_states", "no worker joins (add an event such as --events 100:add=4)")
     if preset.state_periods == "none":
         refuse("no_overlap", f"{m.name} never syncs optimizer states, and only state syncs overlap")
+    elif not _syncs_states(cfg):
+        refuse("no_overlap", f"no optimizer state is ever synced here (every state period is 'none'), and only "
+                             "state syncs overlap")
+    if preset.gossips and m.topology not in _RANDOM_TOPOLOGIES:
+        refuse("gossip_seed", f"the {m.topology} topology is the same every round; only the random ones "
+                              f"({', '.join(_RANDOM_TOPOLOGIES)}) draw from --gossip-seed")
+    if cfg.time.step_time_s is not None:
+        for dest in ("peak_tflops", "mfu"):
+            refuse(dest, "--step-time gives the modeled step time; --peak-tflops and --mfu only derive it from FLOPs")
+    from desloc.timing import profile
+
+    if math.isinf(profile(cfg.time.network).bandwidth_bps):
+        refuse("link_speeds", f"the {cfg.time.network} network has infinite bandwidth, which no factor changes")
     if not inner.name.startswith("mtdao"):
         for dest in ("mt_betas", "mt_omegas"):
             refuse(dest, f"the inner optimizer {inner.name} is not MT-DAO; use --inner mtdao / mtdao-adam "
@@ -327,6 +355,20 @@ def _unused_flags(args: argparse.Namespace, cfg, in_compare: bool = False) -> di
     if cfg.schedule == "constant":
         refuse("min_lr_ratio", "the constant schedule never decays the learning rate")
     return out
+
+
+_RANDOM_TOPOLOGIES = ("one-peer", "two-peer")
+
+
+def _syncs_states(cfg) -> bool:
+    """Whether the resolved method ever averages an optimizer state (a state period that is not None).
+    With an MT-DAO inner optimizer its momenta follow ``momentum_periods`` (default: K_u)."""
+    m, preset = cfg.method, _preset(cfg.method.name)
+    if preset.state_periods != "tunable":
+        return preset.state_periods == "tied"
+    first = m.momentum_periods if m.momentum_periods is not None and cfg.inner.name.startswith("mtdao") \
+        else [m.period_u]
+    return any(k is not None for k in [*first, m.period_v])
 
 
 def _parse_events(spec):
@@ -353,13 +395,14 @@ def _check_sync_happens(cfg) -> None:
                           f"or raise --steps (to at least {kx})")
 
 
-def _check_timeout(args: argparse.Namespace) -> None:
-    import math
+MAX_TIMEOUT_S = 366 * 86400  # a year: far above any collective, far below timedelta's limit
 
+
+def _check_timeout(args: argparse.Namespace) -> None:
     t = args.timeout
-    if not (math.isfinite(t) and t > 0):
-        raise ConfigError(f"--timeout must be a finite number of seconds > 0, got {t}; e.g. --timeout 60 "
-                          "(how long a collective waits for a worker before the run stops)")
+    if not (math.isfinite(t) and 0 < t <= MAX_TIMEOUT_S):
+        raise ConfigError(f"--timeout must be a finite number of seconds in (0, {MAX_TIMEOUT_S}], got {t}; e.g. "
+                          "--timeout 60 (how long a collective waits for a worker before the run stops)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -458,6 +501,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = _train_config(args, ft=ft)
         _refuse_unused(_unused_flags(args, cfg), f"by --method {cfg.method.name} (inner {cfg.inner.name})")
         _check_sync_happens(cfg)
+    check_numbers(args)
     out = args.out or _default_out("train")  # train() checks the engine, device and memory first
     summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
                     timeout_s=args.timeout)
@@ -503,6 +547,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if hasattr(args, "method"):
         raise ConfigError("compare takes --methods (plural), not --method")
+    if hasattr(args, "seed"):
+        raise ConfigError(f"--seed {args.seed} would be ignored by compare, which runs every method once per seed "
+                          f"in --seeds; use --seeds {args.seed} (or e.g. --seeds 0,1,2)")
     for flag, given, items, example in (("--methods", args.methods, methods, "ddp,desloc"),
                                         ("--seeds", args.seeds, seeds, "0,1,2")):
         if not items:
@@ -549,6 +596,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     _refuse_unused(unused_by_all, where)
     for cfg in configs.values():
         _check_sync_happens(cfg)
+    check_numbers(args)
     from desloc.train import check_resources
 
     for cfg in configs.values():
@@ -610,6 +658,7 @@ def _add_wallclock(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_wallclock(args: argparse.Namespace) -> int:
+    from desloc.records import dumps
     from desloc.wallclock import compute_from_args, format_wallclock, parse_size, profiles_from_args, wallclock_record
 
     models = {m.strip().lower(): parse_size(m) for m in args.models.split(",") if m.strip()}
@@ -617,7 +666,7 @@ def _cmd_wallclock(args: argparse.Namespace) -> int:
         raise ConfigError(f"--models lists nothing, got {args.models!r}; e.g. --models 1b,7b,13b")
     record = wallclock_record(models, profiles_from_args(args.profiles, args), compute_from_args(args),
                               (args.kx, args.ku, args.kv), args.steps, args.momentum_periods)
-    print(json.dumps(record, indent=2, allow_nan=False) if args.json else format_wallclock(record))
+    print(dumps(record, indent=2) if args.json else format_wallclock(record))
     return 0
 
 
@@ -640,6 +689,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from desloc.records import dumps
     from desloc.wallclock import compute_from_args, format_plan, model_params, plan, profiles_from_args
 
     params = model_params(args.model, args.params)
@@ -648,7 +698,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("plan takes one network: --profile NAME or --bandwidth-gbps X --latency-ms Y, not both")
     result = plan(args.beta1, args.beta2, params, nets[0], args.target_overhead, compute_from_args(args),
                   args.mt_betas)
-    print(json.dumps(result, indent=2, allow_nan=False) if args.json else format_plan(result))
+    print(dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
 
@@ -753,11 +803,48 @@ def collective_failure_message(err: BaseException, timeout_s: float | None, env:
             + (f" (now {timeout_s:g})" if timeout_s is not None else ""))
 
 
+INT64_MAX = 2**63 - 1
+_REAL_TYPES = (float, _float_list)
+_INT_TYPES = (int, _int_list, _period, _local_steps)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """The class rule for every numeric flag of the chosen subcommand, found from its parser (a new
+    flag is covered without a line here): a real number is finite and 0 or normal
+    (:func:`desloc.errors.check_finite`: no NaN, no infinity, no subnormal such as 5e-324, no 1e400
+    that overflowed to inf), an integer fits 64 bits. The range of each flag is checked by the
+    configuration it feeds (TrainConfig, Compute, ToyConfig, ...); train and compare run this after
+    building theirs (whose messages state the range), every subcommand before any work."""
+    from desloc.errors import check_finite
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    fields = {names[0].lstrip("-").replace("-", "_"): ".".join(path) for names, _, path in _TRAIN_FLAGS}
+    for action in sub._actions:
+        if action.type not in _REAL_TYPES + _INT_TYPES or not hasattr(args, action.dest):
+            continue
+        flag = max(action.option_strings, key=len)
+        field = fields.get(action.dest) if args.command in ("train", "compare") else None
+        flag_name = f"{flag} ({field})" if field else flag
+        value = getattr(args, action.dest)
+        if value is None:  # not given (a default of None), or a period 'none'
+            continue
+        many = isinstance(value, (list, tuple))
+        for i, v in enumerate(value if many else [value]):
+            name = f"{flag_name} entry {i + 1}" if many else flag_name
+            if action.type in _REAL_TYPES:
+                check_finite(name, v, f"{flag} {action.default}" if isinstance(action.default, float) else "")
+            elif isinstance(v, int) and abs(v) > INT64_MAX:
+                raise ConfigError(f"{name} must fit a 64-bit integer (|n| <= {INT64_MAX}), got {v}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _route_warnings()
     try:
+        if args.command not in ("train", "compare"):  # those check after their configurations (better messages)
+            check_numbers(args)
         return int(args.func(args) or 0)
     except RunComplete as done:
         print(f"desloc: {done}", file=sys.stderr)

@@ -8,6 +8,11 @@ if it were the requested one) unless ``overwrite`` reruns it. The aggregate goes
 with modeled time and speedup vs DDP under ``--network``) and ``compare.png`` (validation loss vs
 step, vs bytes sent and vs modeled time, mean over seeds). This is the
 analogue of the DES-LOC paper's Figure 4.
+
+A finished run whose ``summary.json`` is damaged (truncated, not JSON, missing a number:
+:func:`desloc.records.summary_problem`) is recomputed from scratch, with a warning naming the
+file: its final numbers cannot be recovered from its checkpoint, and the run is deterministic.
+A summary that is still unusable after training is refused naming the file.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from desloc.errors import Interrupted, RunDirError
-from desloc.records import RunDir, atomic_write_bytes, atomic_write_json, config_diff
+from desloc.records import RunDir, atomic_write_bytes, atomic_write_json, config_diff, save_figure, summary_problem
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -101,8 +106,7 @@ def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "compare.png")
 
 
 def _run_one(cfg: Any, run: RunDir, overwrite: bool, progress: bool | None, timeout_s: float) -> dict[str, Any]:
@@ -117,6 +121,15 @@ def _run_one(cfg: Any, run: RunDir, overwrite: bool, progress: bool | None, time
         shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
         raise RunDirError(f"{run.path} holds a run with other settings ({shown}); compare reuses a run only if "
                           "its settings are identical: choose another --out, or pass --overwrite to rerun it")
+    damage = run.summary_damage()
+    if damage is not None:
+        import warnings
+
+        from desloc.errors import DeslocWarning
+
+        warnings.warn(f"{run.path / 'summary.json'} is damaged ({damage}); recomputing the run {run.path} from "
+                      "the start", DeslocWarning)
+        return train(cfg, run.path, progress=progress, overwrite=True, timeout_s=timeout_s)
     summary = run.read_summary()
     if summary is not None and summary.get("status", "complete") == "complete" and summary.get("steps") == cfg.steps:
         return summary
@@ -145,6 +158,10 @@ def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seed
                 raise Interrupted(f"{stop}; or repeat the same desloc compare command to continue the "
                                   "comparison", stop.signum, stop.step) from None
             is_main = int(os.environ.get("RANK", "0")) == 0
+            why = summary_problem(summary)
+            if why is not None:
+                raise RunDirError(f"{run.path / 'summary.json'}: the run's summary is unusable ({why}); rerun it "
+                                  "with --overwrite, or remove that run's directory and repeat the command")
             runs.setdefault(method, []).append(summary)
             curves.setdefault(method, []).append(run.read_metrics())
     table = aggregate(runs)

@@ -64,11 +64,40 @@ class DeslocWarning(UserWarning):
 
 
 def check_finite(field: str, value: object, example: str = "") -> None:
-    """Validate a real number that must be finite (not NaN or +-inf, not a string or bool)."""
+    """Validate a real number that must be finite (not NaN or +-inf, not a string or bool) and, unless
+    it is 0, normal: a subnormal (0 < |x| < 2.2e-308, e.g. 5e-324) has lost its precision and
+    overflows to infinity when divided into anything, so it is refused like infinity."""
     import math
+    import sys
 
     hint = f"; e.g. {example}" if example else ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{field} must be a number, got {value!r} ({type(value).__name__}){hint}")
     if not math.isfinite(value):
         raise ConfigError(f"{field} must be a finite number, got {value}{hint}")
+    if value != 0 and abs(value) < sys.float_info.min:
+        raise ConfigError(f"{field} must be 0 or a normal number (|x| >= {sys.float_info.min:.3g}), got the "
+                          f"subnormal {value!r}{hint}")
+
+
+def check_range(field: str, value: object, low: float | None = None, high: float | None = None,
+                low_open: bool = False, example: str = "") -> None:
+    """:func:`check_finite`, then ``low <= value <= high`` (``low < value`` if ``low_open``)."""
+    check_finite(field, value, example)
+    assert isinstance(value, (int, float))
+    below = low is not None and (value <= low if low_open else value < low)
+    if below or (high is not None and value > high):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        hint = f"; e.g. {example}" if example else ""
+        raise ConfigError(f"{field} must be {' and '.join(x for x in (lo, hi) if x)}, got {value:g}{hint}")
+
+
+def check_int(field: str, value: object, low: int, high: int | None = None, example: str = "") -> None:
+    """An integer (not a bool) with ``low <= value <= high``."""
+    hint = f"; e.g. {example}" if example else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{field} must be an integer, got {value!r} ({type(value).__name__}){hint}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" + ("" if high is None else f" and <= {high:,}")
+        raise ConfigError(f"{field} must be an integer {bound}, got {value}{hint}")

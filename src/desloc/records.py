@@ -22,10 +22,19 @@ Guarantees, each tested in ``tests/test_run_dir.py``:
   holder's pid.
 * JSON records are strict: NaN and infinities are written as ``null``. A torn last line of
   ``metrics.jsonl`` (a crash mid-append) is dropped with a warning.
+* Every write names its file when it fails (:func:`writing`): the OS's errors and torch's
+  serializer's RuntimeError become one ``OSError`` with the file's name, which the CLI prints as
+  one line (``cannot write <file>: ...``, or "no space left on device while writing <file>").
+* Every record read back is validated: ``config.json`` must be a JSON object, every
+  ``metrics.jsonl`` row an object with an integer ``step``, ``summary.json`` an object with the
+  fields of its ``status`` (:func:`summary_problem`), ``latest.json`` and the checksum files
+  integers in range, a checkpoint a dict with its ``step``. A bad one is skipped with a warning
+  where the record can be recomputed, and otherwise refused with a RunDirError naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -35,6 +44,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,19 +68,51 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``; the temporary file never outlives a failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# torch's serializer reports a failed write (a full disk among others) as a RuntimeError without an
+# errno; with less free space than this left on the file system, it is taken to be a full disk
+DISK_FULL_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, serializer: bool = True) -> Iterator[None]:
+    """Writes of ``path`` inside this block that fail raise one ``OSError`` naming ``path``: the OS's
+    errors keep their errno; with ``serializer`` (the block only serializes, no collective that could
+    fail with a RuntimeError of its own), torch's serializer's RuntimeError becomes ENOSPC when the
+    file system has less than :data:`DISK_FULL_BYTES` free, else EIO with torch's first line."""
     try:
-        os.chmod(tmp, _file_mode())
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as err:
+        if err.filename == str(path):
+            raise
+        raise OSError(err.errno or errno.EIO, err.strerror or str(err) or type(err).__name__, str(path)) from err
+    except RuntimeError as err:
+        if not serializer or type(err) is not RuntimeError:  # DivergenceError and the like: not a write failure
+            raise
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < DISK_FULL_BYTES
+        except OSError:
+            full = False
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise OSError(errno.EIO, f"torch could not write it ({first})", str(path)) from err
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``; the temporary file never outlives a failure,
+    and a failure names ``path`` (:func:`writing`)."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            os.chmod(tmp, _file_mode())
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -139,9 +181,55 @@ def describe_os_error(err: OSError) -> str:
     """One line for a failed write: says "no space left" when the disk is full."""
     where = err.filename or "the run directory"
     if err.errno == errno.ENOSPC:
-        return (f"no space left on device while writing {where}; free some space, then continue "
-                "with --resume (the last complete checkpoint is kept)")
+        return (f"no space left on device while writing {where}; free some space, then repeat the command "
+                "(desloc train: continue with --resume; the last complete checkpoint is kept)")
     return f"cannot write {where}: {err.strerror or err}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# summary.json: the fields each status must hold, and what each must be
+_SUMMARY_FIELDS: dict[str, tuple[str, ...]] = {
+    "complete": ("method", "steps", "tokens", "final_val_loss", "final_val_ppl", "bytes_sent", "bytes_by_state",
+                 "ratio_vs_ddp", "wall_time_s", "periods", "seed"),
+    "diverged": ("diverged_at_step",),
+}
+_SUMMARY_KINDS: dict[str, tuple[str, Any]] = {
+    "method": ("a string", lambda v: isinstance(v, str)),
+    "steps": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "tokens": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "bytes_sent": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "seed": ("an integer", _is_int),
+    "diverged_at_step": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "final_val_loss": ("a finite number", _is_number),
+    "final_val_ppl": ("a finite number", _is_number),
+    "wall_time_s": ("a finite number", _is_number),
+    "ratio_vs_ddp": ("a finite number", _is_number),
+    "bytes_by_state": ("an object", lambda v: isinstance(v, dict)),
+    "periods": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def summary_problem(summary: Any) -> str | None:
+    """None if ``summary`` is a usable summary.json, else what is wrong with it."""
+    if not isinstance(summary, dict):
+        return f"it holds a JSON {type(summary).__name__}, not an object"
+    status = summary.get("status", "complete")
+    if status not in _SUMMARY_FIELDS:
+        return f"its status {status!r} is none of {sorted(_SUMMARY_FIELDS)}"
+    for key in _SUMMARY_FIELDS[status]:
+        what, ok = _SUMMARY_KINDS[key]
+        if key not in summary:
+            return f"it has no {key!r}"
+        if not ok(summary[key]):
+            return f"its {key!r} is {summary[key]!r}, not {what}"
+    return None
 
 
 class RunDir:
@@ -216,14 +304,21 @@ class RunDir:
         if not f.exists():
             raise FileNotFoundError(f"{f} not found: --resume needs the --out of an earlier run")
         try:
-            return json.loads(f.read_text())
+            config = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RunDirError(f"{f} is not valid JSON ({err}); it was not written by desloc or was "
                               "damaged") from None
+        except OSError as err:
+            raise RunDirError(f"cannot read {f}: {err.strerror or err}") from None
+        if not isinstance(config, dict):
+            raise RunDirError(f"{f} holds a JSON {type(config).__name__}, not the object desloc writes; it was not "
+                              "written by desloc or was damaged")
+        return config
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(dumps(row) + "\n")
+        f = self.path / "metrics.jsonl"
+        with writing(f), open(f, "a") as out:
+            out.write(dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every logged row; a torn last line (crash mid-append) is dropped with a warning."""
@@ -236,12 +331,17 @@ class RunDir:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    self._warn(f"dropping the torn last line of {f} (a crash while it was written)")
-                    break
-                raise RunDirError(f"{f} line {i + 1} is not JSON; remove that line to continue") from None
+                row = None
+            if isinstance(row, dict) and _is_int(row.get("step")) and row["step"] >= 0:
+                rows.append(row)
+                continue
+            if i == len(lines) - 1:
+                self._warn(f"dropping the torn last line of {f} (a crash while it was written)")
+                break
+            what = "is not JSON" if row is None else "is not a metrics row (an object with an integer 'step')"
+            raise RunDirError(f"{f} line {i + 1} {what}; remove that line to continue")
         return rows
 
     def truncate_metrics(self, after_step: int) -> None:
@@ -253,14 +353,28 @@ class RunDir:
         atomic_write_json(self.path / "summary.json", summary)
 
     def read_summary(self) -> dict[str, Any] | None:
+        """summary.json, or None when there is none; a damaged one is ignored with a warning."""
+        summary, why = self._load_summary()
+        if why is not None:
+            self._warn(f"{self.path / 'summary.json'} is damaged: {why}; ignoring it")
+        return summary
+
+    def summary_damage(self) -> str | None:
+        """What is wrong with summary.json (:func:`summary_problem`); None if it is missing or usable."""
+        return self._load_summary()[1]
+
+    def _load_summary(self) -> tuple[dict[str, Any] | None, str | None]:
         f = self.path / "summary.json"
         try:
-            return json.loads(f.read_text())
+            summary = json.loads(f.read_text())
         except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self._warn(f"{f} is not valid JSON; ignoring it")
-            return None
+            return None, None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return None, f"it is not valid JSON ({err})"
+        except OSError as err:
+            return None, f"it cannot be read ({err.strerror or err})"
+        why = summary_problem(summary)
+        return (summary if why is None else None), why
 
     # ------------------------------------------------------------- checkpoints
     def checkpoint_file(self, step: int, rank: int) -> Path:
@@ -292,10 +406,13 @@ class RunDir:
         """The step ``latest.json`` names (None if it is missing or unreadable)."""
         f = self.ckpt_root / "latest.json"
         try:
-            return int(json.loads(f.read_text())["step"])
+            step = json.loads(f.read_text())["step"]
+            if not (_is_int(step) and step >= 1):
+                raise ValueError(step)
+            return step
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
             self._warn(f"{f} is malformed; looking for checkpoints on disk instead")
             return None
 
@@ -307,12 +424,14 @@ class RunDir:
                 return f"{f.name} is missing"
             try:
                 meta = json.loads(f.with_suffix(".sha256").read_text())
-                expected, size = str(meta["sha256"]), int(meta["bytes"])
+                expected, size = meta["sha256"], meta["bytes"]
+                if not (isinstance(expected, str) and _is_int(size) and size >= 0):
+                    raise ValueError(meta)
             except FileNotFoundError:
                 if self._legacy():
                     continue  # written before checksums existed: loadability is all we can check
                 return f"{f.name} has no checksum (its write never completed)"
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
                 return f"{f.with_suffix('.sha256').name} is malformed"
             actual = f.stat().st_size
             if actual != size:
@@ -361,9 +480,24 @@ class RunDir:
                 raise RunDirError(f"checkpoint of step {step} in {self.ckpt_root} is unusable: {why}")
         f = self.checkpoint_file(step, rank)
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure is the same to the user
             raise RunDirError(f"cannot load {f}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        if not isinstance(state, dict) or state.get("step") != step:
+            got = state.get("step") if isinstance(state, dict) else type(state).__name__
+            raise RunDirError(f"{f} is not the checkpoint of step {step} (it holds {got!r}); it was not written by "
+                              "desloc or was moved: remove it to fall back to an older checkpoint")
+        return state
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (a failure names ``path``) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
 
 
 def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
@@ -388,8 +522,7 @@ def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path / "loss.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path / "loss.png")
     timed = [(r["modeled_time_s"], r["val_loss"]) for r in rows
              if r.get("val_loss") is not None and r.get("modeled_time_s") is not None]
     if timed:
@@ -400,8 +533,7 @@ def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path / "loss_vs_time.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, path / "loss_vs_time.png")
     if val:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([max(v[2], 1) for v in val], [v[1] for v in val], "o-", ms=3)
@@ -411,5 +543,4 @@ def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, which="both")
         fig.tight_layout()
-        fig.savefig(path / "loss_vs_bytes.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, path / "loss_vs_bytes.png")

@@ -19,6 +19,14 @@ the peers it receives from are through::
 
     t_i <- alpha + max(t_i + S_i, max_{j -> i} (t_j + S_j))
 
+What B_w limits: a worker's *sending* rate (its uplink). Receiving is not charged: the downlink is
+taken to run at the profile's rate, as on asymmetric consumer and cellular links, whose uplink is
+the slow direction -- the GASLoC paper's slow-link setting. The all-reduce is charged the same
+way: a ring sends 2(M-1)/M n through every participant's uplink, so the slowest uplink paces it.
+``--link-speeds`` therefore scales uplinks; a link that is slow both ways (as in
+``benchmarks/slow_network.py``, where tbf limits both veth ends) is modeled exactly for the
+all-reduce and optimistically for gossip into it (by at most its in-degree x n / B_w a round).
+
 Clock (:class:`VirtualClock`). Each worker has a clock t_w. A local step adds c_w to the workers
 that compute it (an idle GASLoC worker adds nothing). A blocking collective moves every
 participant to ``max_{w in P} t_w + T_allreduce``; a gossip round moves worker i as above, and
@@ -44,7 +52,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from desloc.errors import ConfigError
+from desloc.errors import ConfigError, check_range
+
+
+# Bounds of the time model's inputs. Inside them every modeled time stays finite (a step of at most
+# 1e9 s at 1e-6 of nominal speed, a byte at 1 bit/s over a link at 1e-6 of nominal: products far below
+# the float range for any number of steps a run can take); outside them a time overflows to inf or a
+# subnormal input divides into one.
+MIN_RATE_BPS, MAX_RATE_BPS = 1.0, 1e21  # 1 bit/s .. 1 Zb/s; "free" is the infinite network
+MAX_LATENCY_S = 1e6
+MAX_STEP_TIME_S = 1e9
+SPEED_FACTORS = (1e-6, 1e6)  # --worker-speeds, --link-speeds
+PEAK_TFLOPS = (1e-6, 1e9)
+MIN_MFU = 1e-6
 
 
 @dataclass(frozen=True)
@@ -56,12 +76,12 @@ class NetworkProfile:
     latency_s: float
 
     def __post_init__(self) -> None:
-        if not (self.bandwidth_bps > 0):
-            raise ConfigError(f"network {self.name!r}: bandwidth must be > 0 bits/s, got {self.bandwidth_bps}; "
-                              "e.g. 10e9 for 10 Gb/s (inf for a free network)")
-        if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
-            raise ConfigError(f"network {self.name!r}: latency must be a finite number of seconds >= 0, got "
-                              f"{self.latency_s}; e.g. 1e-4")
+        if not (self.bandwidth_bps == math.inf or MIN_RATE_BPS <= self.bandwidth_bps <= MAX_RATE_BPS):
+            raise ConfigError(f"network {self.name!r}: bandwidth must be in [{MIN_RATE_BPS:g}, {MAX_RATE_BPS:g}] "
+                              f"bits/s (or inf: a free network), got {self.bandwidth_bps}; e.g. 10e9 for 10 Gb/s")
+        if not (math.isfinite(self.latency_s) and 0 <= self.latency_s <= MAX_LATENCY_S):
+            raise ConfigError(f"network {self.name!r}: latency must be a finite number of seconds in [0, "
+                              f"{MAX_LATENCY_S:g}], got {self.latency_s}; e.g. 1e-4")
 
     @property
     def bytes_per_s(self) -> float:
@@ -97,10 +117,15 @@ def profile(name: str) -> NetworkProfile:
         raise ConfigError(f"unknown network profile {name!r}; choose one of {sorted(PROFILES)} or give a link "
                           "as RATE[:LATENCY], e.g. 20mbit:0.2ms or 1gbit")
     rate, unit, latency, tunit = match.groups()
-    bps = float(rate) * _RATE_UNITS[unit.lower()]
+    bps = float(rate) * _RATE_UNITS[unit.lower()]  # inf when the rate overflows (1e400gbit): refused below
     latency_s = float(latency) * _TIME_UNITS[tunit.lower()] if latency else 0.0
-    if not bps > 0:
-        raise ConfigError(f"network {name!r}: the rate must be > 0")
+    if not (math.isfinite(bps) and MIN_RATE_BPS <= bps <= MAX_RATE_BPS):
+        raise ConfigError(f"--network {name}: the rate must be a finite number of bits/s in [{MIN_RATE_BPS:g}, "
+                          f"{MAX_RATE_BPS:g}], got {bps:g} bit/s; e.g. --network 20mbit:0.2ms (or --network free "
+                          "for infinite bandwidth)")
+    if not (math.isfinite(latency_s) and latency_s <= MAX_LATENCY_S):
+        raise ConfigError(f"--network {name}: the latency must be a finite number of seconds <= {MAX_LATENCY_S:g}, "
+                          f"got {latency_s:g} s; e.g. --network 20mbit:0.2ms")
     return NetworkProfile(str(name), bps, latency_s)
 
 
@@ -119,8 +144,9 @@ def _factors(name: str, values: Sequence[float] | None, world_size: int) -> list
     if len(values) != world_size:
         raise ConfigError(f"{name} needs one factor per worker ({world_size}), got {len(values)}: {values}; "
                           f"e.g. {','.join(['1'] * (world_size - 1) + ['0.25'])}")
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise ConfigError(f"{name} factors must be finite numbers > 0, got {values}; 1 = nominal, "
+    low, high = SPEED_FACTORS
+    if not all(math.isfinite(v) and low <= v <= high for v in values):
+        raise ConfigError(f"{name} factors must be finite numbers > 0 in [{low:g}, {high:g}], got {values}; 1 = nominal, "
                           "0.25 = four times slower")
     return values
 
@@ -204,13 +230,11 @@ class TimeConfig:
             values = getattr(self, name)
             if values is not None:
                 setattr(self, name, _factors(f"--{name.replace('_', '-')}", values, len(values)))
-        if self.step_time_s is not None and not (math.isfinite(self.step_time_s) and self.step_time_s >= 0):
-            raise ConfigError(f"step_time_s must be a finite number of seconds >= 0 or None (from FLOPs), got "
-                              f"{self.step_time_s}; e.g. --step-time 0.25")
-        if not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
-            raise ConfigError(f"peak_tflops must be a finite number > 0, got {self.peak_tflops}; e.g. 312 (A100)")
-        if not (math.isfinite(self.mfu) and 0 < self.mfu <= 1):
-            raise ConfigError(f"mfu must be in (0, 1], got {self.mfu}; e.g. 0.4")
+        if self.step_time_s is not None:
+            check_range("step_time_s (--step-time)", self.step_time_s, 0, MAX_STEP_TIME_S,
+                        example="--step-time 0.25 (seconds), or drop it to derive the step time from FLOPs")
+        check_range("peak_tflops (--peak-tflops)", self.peak_tflops, *PEAK_TFLOPS, example="--peak-tflops 312 (A100)")
+        check_range("mfu (--mfu)", self.mfu, MIN_MFU, 1, example="--mfu 0.4")
 
     def model(self, world_size: int, params: int, tokens_per_worker_step: int) -> TimeModel:
         step = self.step_time_s

@@ -12,7 +12,6 @@ minute on 2 CPU cores -- see the README for what they produce.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -23,10 +22,12 @@ import torch
 
 from desloc.algorithms import MethodConfig, build_method, parse_method_spec
 from desloc.comm import SimulatedComm
-from desloc.errors import ConfigError, check_finite
+from desloc.errors import ConfigError, check_finite, check_int, check_period, check_range
 from desloc.optim import InnerConfig
+from desloc.records import atomic_write_bytes, atomic_write_json, dumps, save_figure
 
 OPTIMUM = (1.0, 1.0)
+MAX_TOY_WORKERS = 1_000_000  # one row of a [M, 2] float64 tensor each
 DEFAULT_METHODS = ("ddp", "local-adam", "desloc", "keep-states", "reset-states")
 
 
@@ -59,23 +60,34 @@ class ToyConfig:
     mt_omegas: tuple[float, ...] = (0.45, 0.45)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"toy workers (M) must be an integer >= 1, got {self.workers!r}")
-        if self.steps < 1:
-            raise ConfigError(f"toy steps must be >= 1, got {self.steps}")
-        check_finite("toy sigma (gradient noise std)", self.sigma, "sigma=1.5")
-        if self.sigma < 0:
-            raise ConfigError(f"toy sigma (gradient noise std) must be >= 0, got {self.sigma}")
+        """Every field is checked here, before anything runs: the numbers, and the method and inner
+        optimizer configurations of every method (which check the periods, betas and MT-DAO weights)."""
+        check_int("toy workers (--workers)", self.workers, 1, MAX_TOY_WORKERS, "--workers 256")
+        check_int("toy steps (--steps)", self.steps, 1, example="--steps 3840")
+        check_int("toy seed (--seed)", self.seed, 0, 2**63 - 1, "--seed 0")
+        check_int("toy tail_rounds", self.tail_rounds, 1, example="tail_rounds=5")
+        check_range("toy sigma (--sigma, gradient noise std)", self.sigma, 0, example="--sigma 1.5")
+        check_range("toy lr (--lr)", self.lr, 0, low_open=True, example="--lr 0.05")
+        for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
+            check_range(f"toy {name} (--{name})", beta, 0, example=f"--{name} 0.9")
+            if not beta < 1:
+                raise ConfigError(f"toy {name} (--{name}) must be in [0, 1), got {beta}; e.g. --{name} 0.9")
+        for v in self.start:
+            check_finite("toy start", v, "start=(-1.5, 2.5)")
+        check_period("period_x (--kx)", self.period_x)
+        check_period("period_u (--ku)", self.period_u, allow_none=True)
+        check_period("period_v (--kv)", self.period_v, allow_none=True)
         self.methods = tuple(self.methods)
         if not self.methods:
             raise ConfigError("toy methods lists nothing; give a comma-separated list, e.g. --methods ddp,desloc")
         dup = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if dup:
             raise ConfigError(f"toy methods name {', '.join(dup)} more than once; name each once")
-        for spec in self.methods:
-            parse_method_spec(spec)  # raises ConfigError naming the bad one
         self.mt_betas, self.mt_omegas = tuple(self.mt_betas), tuple(self.mt_omegas)
         self.start = tuple(float(v) for v in self.start)  # type: ignore[assignment]
+        for spec in self.methods:  # each raises a ConfigError naming the bad value
+            self.method_config(spec)
+            self.inner_config(spec)
 
     def method_config(self, spec: str) -> MethodConfig:
         fields = parse_method_spec(spec)
@@ -132,10 +144,9 @@ def run_toy(cfg: ToyConfig, out_dir: str | Path | None = None, progress: bool = 
         results[name] = run_method(cfg, name)
     record = {"config": asdict(cfg), "methods": results}
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "toy.json").write_text(json.dumps(record))
+        out = Path(out_dir)  # strict JSON (NaN of a diverged method -> null); a failed write names its file
+        atomic_write_json(out / "config.json", asdict(cfg))
+        atomic_write_bytes(out / "toy.json", dumps(record).encode())
         plot_toy(record, out / "toy.png")
     return record
 
@@ -158,8 +169,7 @@ def plot_toy(record: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def format_table(record: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from desloc.errors import ConfigError, check_finite, check_period
+from desloc.errors import ConfigError, check_finite, check_int, check_period, check_range
 from desloc.timing import PROFILES, NetworkProfile, TimeModel, flops_step_time, half_life
 
 METHODS = ("ddp", "local-adam", "desloc", "keep-states", "reset-states", "diloco", "mtdao")
@@ -88,13 +88,17 @@ def _number(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+MAX_BANDWIDTH_GBPS = 1e12  # 1 Zb/s; beyond it use the free profile (infinite bandwidth)
+MAX_LATENCY_MS = 1e9  # about 11.6 days per message
+
+
 def custom_profile(bandwidth_gbps: float, latency_ms: float) -> NetworkProfile:
-    """``--bandwidth-gbps X --latency-ms Y`` as a profile named ``custom``."""
-    if not (math.isfinite(bandwidth_gbps) and bandwidth_gbps > 0):
-        raise ConfigError(f"--bandwidth-gbps must be a finite number > 0 (Gb/s per worker link), got {bandwidth_gbps}; "
-                          "e.g. --bandwidth-gbps 100 (use --profiles free for infinite bandwidth)")
-    if not (math.isfinite(latency_ms) and latency_ms >= 0):
-        raise ConfigError(f"--latency-ms must be a finite number >= 0, got {latency_ms}; e.g. --latency-ms 0.01")
+    """``--bandwidth-gbps X --latency-ms Y`` as a profile named ``custom``. The bandwidth is at least
+    1 bit/s (1e-9 Gb/s) and at most :data:`MAX_BANDWIDTH_GBPS`, the latency at most
+    :data:`MAX_LATENCY_MS`: inside these bounds no modeled time overflows."""
+    check_range("--bandwidth-gbps", bandwidth_gbps, 1e-9, MAX_BANDWIDTH_GBPS,
+                example="--bandwidth-gbps 100 (Gb/s per worker link; use --profiles free for infinite bandwidth)")
+    check_range("--latency-ms", latency_ms, 0, MAX_LATENCY_MS, example="--latency-ms 0.01")
     return NetworkProfile("custom", bandwidth_gbps * 1e9, latency_ms * 1e-3)
 
 
@@ -103,6 +107,9 @@ def network(name: str) -> NetworkProfile:
         raise ConfigError(f"unknown network profile {name!r}; choose from {', '.join(PROFILES)}, or give "
                           "--bandwidth-gbps X --latency-ms Y")
     return PROFILES[name]
+
+
+MAX_WORKERS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -125,16 +132,27 @@ class Compute:
                 raise ConfigError(f"{name} must be > 0, got {value}; e.g. {name} {example}")
         if self.mfu > 1:
             raise ConfigError(f"--mfu is a fraction of peak in (0, 1], got {self.mfu}; e.g. --mfu 0.4")
-        for name, value, low in (("--workers", self.workers, 2), ("--gpus-per-worker", self.gpus_per_worker, 1),
-                                 ("--batch-tokens", self.batch_tokens, 1), ("--seq-len", self.seq_len, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                why = " (with one worker nothing is communicated)" if name == "--workers" else ""
-                raise ConfigError(f"{name} must be an integer >= {low}{why}, got {value!r}")
+        if isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers < 2:
+            raise ConfigError(f"--workers must be an integer >= 2 (with one worker nothing is communicated), got "
+                              f"{self.workers!r}")
+        # the workers are iterated (one link each): at most a million; the rest fit a float exactly
+        for name, value, low, high in (("--workers", self.workers, 2, MAX_WORKERS),
+                                       ("--gpus-per-worker", self.gpus_per_worker, 1, 2**53),
+                                       ("--batch-tokens", self.batch_tokens, 1, 2**53),
+                                       ("--seq-len", self.seq_len, 1, 2**53)):
+            check_int(name, value, low, high)
 
     def step_time(self, params: int) -> float:
-        """c: seconds of one local step of one worker."""
-        return flops_step_time(params, self.batch_tokens / self.workers,  # type: ignore[arg-type]
-                               self.gpus_per_worker * self.peak_tflops * 1e12, self.mfu)
+        """c: seconds of one local step of one worker; finite and > 0 (else a ConfigError naming the
+        inputs: e.g. a peak so large that 6 N D / peak underflows to 0)."""
+        c = flops_step_time(params, self.batch_tokens / self.workers,  # type: ignore[arg-type]
+                            self.gpus_per_worker * self.peak_tflops * 1e12, self.mfu)
+        if not (math.isfinite(c) and c > 0):
+            raise ConfigError(f"the modeled compute time per step is {c:g} s for {params:g} parameters with "
+                              f"--peak-tflops {self.peak_tflops:g}, --mfu {self.mfu:g}, --gpus-per-worker "
+                              f"{self.gpus_per_worker}, --batch-tokens {self.batch_tokens} and --workers "
+                              f"{self.workers}; bring them into a realistic range (e.g. --peak-tflops 989)")
+        return c
 
     def time_model(self, params: int, net: NetworkProfile) -> TimeModel:
         return TimeModel(net, self.step_time(params), self.workers)
@@ -263,8 +281,8 @@ def _vary(name: str, factor: float, params: int, net: NetworkProfile, compute: C
         return params, replace(net, latency_s=net.latency_s * factor), compute, periods
     if name == "periods_kx_ku_kv":  # K_x, K_u, K_v together
         return params, net, compute, tuple(max(1, round(k * factor)) for k in periods)  # type: ignore[return-value]
-    if name == "model_params":
-        return round(params * factor), net, compute, periods
+    if name == "model_params":  # at least one parameter (a 1-parameter model halved is still 1)
+        return max(1, round(params * factor)), net, compute, periods
     value = getattr(compute, name) * factor
     if isinstance(getattr(compute, name), int):
         value = max(2 if name == "workers" else 1, round(value))
@@ -289,7 +307,7 @@ def wallclock_record(models: dict[str, int] | None = None, profiles: Sequence[Ne
     key = "7b" if "7b" in models else next(iter(models))
     sens = sensitivity(models[key], profiles[0], compute, periods, model=key)
     desloc = [r["speedup_vs_ddp"] for r in rows if r["method"] == "desloc" and r["profile"] == profiles[0].name]
-    return {
+    return require_finite({
         "rows": rows,
         "assumptions": {**compute.describe(), **ASSUMED, "periods": dict(zip(("kx", "ku", "kv"), periods)),
                         "momentum_periods": list(momentum_periods) if momentum_periods else [periods[1]] * 2,
@@ -303,7 +321,23 @@ def wallclock_record(models: dict[str, int] | None = None, profiles: Sequence[Ne
                   "ours_desloc_speedup": [min(desloc), max(desloc)], "ours_profile": profiles[0].name,
                   "ours_within_claim": PAPER_CLAIM[0] <= min(desloc) and max(desloc) <= PAPER_CLAIM[1]},
         "sensitivity": sens,
-    }
+    })
+
+
+def require_finite(record: Any, path: str = "") -> Any:
+    """``record`` if every float in it is finite, else a ConfigError naming the first that is not.
+    Only the free network's bandwidth is infinite by design, and it is written as None."""
+    if isinstance(record, float) and not math.isfinite(record):
+        raise ConfigError(f"the model's {path or 'result'} is {record} for these inputs (an overflow or an "
+                          "undefined ratio); bring the model size, bandwidth, latency, peak FLOP/s, MFU and batch "
+                          "into a realistic range")
+    if isinstance(record, dict):
+        for key, value in record.items():
+            require_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(record, (list, tuple)):
+        for i, value in enumerate(record):
+            require_finite(value, f"{path}[{i}]")
+    return record
 
 
 def comparison_text(record: dict[str, Any]) -> str:
@@ -449,7 +483,8 @@ def plan(beta1: float = 0.9, beta2: float = 0.999, params: int = 7_000_000_000,
     mt_taus = [half_life(b) for b in mt_betas or []]
     taus, floors = ([*mt_taus, tau2], [3] * len(mt_taus) + [6]) if mt_betas else ([tau1, tau2], [3, 6])
     c, t = compute.step_time(params), compute.allreduce_s(params, net)
-    kx0, kx = _smallest_kx(t / (target_overhead * c), taus, floors)
+    ratio = require_finite(t / (target_overhead * c), "all-reduce time / (target overhead x compute time)")
+    kx0, kx = _smallest_kx(ratio, taus, floors)
     ku, kv = _state_period(kx, tau1, 3), _state_period(kx, tau2, 6)
     mt_periods = _periods(kx, mt_taus, [3] * len(mt_taus))
     sched = schedule("mtdao", kx, ku, kv, mt_periods) if mt_betas else schedule("desloc", kx, ku, kv)
@@ -461,7 +496,7 @@ def plan(beta1: float = 0.9, beta2: float = 0.999, params: int = 7_000_000_000,
     if mt_betas:
         half_lives["mt_betas"] = mt_taus
         periods["momentum_periods"] = mt_periods
-    return {
+    return require_finite({
         "method": "mtdao" if mt_betas else "desloc",
         "betas": {"beta1": beta1, "beta2": beta2, "mt_betas": list(mt_betas or [])},
         "half_lives": half_lives, "periods": periods, "kx_params_only": kx0,
@@ -473,7 +508,7 @@ def plan(beta1: float = 0.9, beta2: float = 0.999, params: int = 7_000_000_000,
         "assumptions": {**compute.describe(), **ASSUMED, "params": params, "profile": net.name,
                         "bandwidth_gbps": _number(net.bandwidth_bps / 1e9),
                         "latency_ms": net.latency_s * 1e3, **({"note": MTDAO_NOTE} if mt_betas else {})},
-    }
+    })
 
 
 def format_plan(p: dict[str, Any]) -> str:
