@@ -2,7 +2,8 @@
 (``desloc train --ft``), each a real process, that can be SIGKILLed and restarted.
 
 Used by ``benchmarks/ft_recovery.py`` (crash -> next sync, restart -> rejoin times) and
-``tests/test_ft.py`` (kill / restart / reference). Needs torchft (``pip install -e '.[ft]'``).
+``tests/test_ft.py`` (kill / restart / reference), ``tests/test_ft_failures.py`` (injected
+failures: ``extra_env={"DESLOC_FT_FAULT": ...}``). Needs torchft (``pip install -e '.[ft]'``).
 Everything binds to 127.0.0.1.
 
     job = FtJob(out, workers=3, train_args=["--steps", "160", "--kx", "4"])

@@ -6,9 +6,9 @@ shared/environment.md). Skipped when torchft is not installed (``pip install -e 
 * local-adam through torchft equals the simulator bit for bit at M = 2 (same SUM-then-divide).
 * A sync that a replica group reports as failed is all-or-nothing inside that group: its tensors
   go back exactly to their values before the call and its ledger does not count the call. (torchft
-  decides commits per replica group; the healthy group keeps the average. By torchft's design the
-  failed group, now a commit behind, heals from a peer at the next round; that path is not
-  verified here -- tests/test_ft.py verifies healing of a restarted worker.)
+  decides commits per replica group; the healthy group keeps the average. Undoing the rest of the
+  step and healing the failed group at its redo's round is :mod:`desloc.ft`'s part, tested with
+  real processes in tests/test_ft_failures.py.)
 """
 
 from __future__ import annotations

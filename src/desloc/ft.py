@@ -10,16 +10,41 @@ forward pass, so the state a peer serves is a whole step's: the same as a checkp
 t-1 -- and closed by the commit decision after the step's sync. Local steps never wait on the
 network, and a worker never waits for a peer it does not sync with.
 
-Healing. A worker that starts (fresh or restarted after a crash; by torchft's design also one
-whose last commit failed while its peers' succeeded -- that case is not verified here) is
-behind when its torchft step (committed rounds) is below its peers'. In the first round it
-takes part in, torchft fetches a healthy peer's state over HTTP and desloc loads it: parameters,
-optimizer states (every one, synced or not), the global step, the LR schedule, the ledger, the
-outer optimizer's state and the modeled clock -- exactly what a checkpoint holds. The worker then
-continues from the peer's step: it computes that step on its own batch and takes part in the
-round's sync, like a worker that had been there all along with the peer's state. Its metrics
-rows after the healed step are dropped (they belong to its earlier life) and ``ft.jsonl`` says
-whom it healed from.
+A failed sync is all-or-nothing for the whole step. When the round opens, the worker keeps an
+in-memory snapshot of everything a checkpoint after step t-1 holds (one copy of the parameters
+and optimizer states, taken at every step that syncs). If the round's commit fails, the method
+has already acted on the un-averaged tensors inside ``opt.step()`` (DDP's inner step on the
+local gradient, an outer step, a reset of states), so the whole step is undone: parameters,
+optimizer states, step counter, ledger, outer state, LR schedule and modeled clock go back to
+the snapshot, nothing of the step is logged, and the step is redone in a new round (batches and
+dropout masks are a function of (seed, worker, step): the redo computes the same local step).
+torchft decides commits per replica group, so the cases are:
+
+* every participant's commit fails (e.g. a peer died during the all-reduce: every survivor's
+  collective errors): all of them restore and redo the step together, without the dead peer;
+* some commits fail while others succeed: the failed workers are one torchft step behind; the
+  redo's round meets the others at their next sync round and the failed workers heal there;
+* a worker dies between syncs: the others' next round goes on without it (after the
+  Lighthouse's heartbeat timeout); restarted with the same command, it heals.
+
+So after any pattern of failures the live workers hold the same parameters at the next
+committed sync. A step that keeps failing (``MAX_FAILED_IN_A_ROW`` commits in a row) stops the
+worker: a quorum smaller than ``--ft-min-replicas`` never commits.
+
+Closing round. After the last step every worker takes part in one more round with a
+one-element all-reduce (:meth:`TorchftComm.close_round`), so a worker whose last sync failed
+while its peers' committed heals from a peer before the peers leave; it then writes its final
+checkpoint from the healed state.
+
+Healing. A worker that starts (fresh or restarted after a crash) or whose last commit failed
+while its peers' succeeded is behind when its torchft step (committed rounds) is below its
+peers'. In the first round it takes part in, torchft fetches a healthy peer's state over HTTP
+and desloc loads it: parameters, optimizer states (every one, synced or not), the global step,
+the LR schedule, the ledger, the outer optimizer's state and the modeled clock -- exactly what a
+checkpoint holds. The worker then continues from the peer's step: it computes that step on its
+own batch and takes part in the round's sync, like a worker that had been there all along with
+the peer's state. Its metrics rows after the healed step are dropped (they belong to its earlier
+life) and ``ft.jsonl`` says whom it healed from.
 
 Founders. Every worker opens a round when it starts. If nobody is ahead, the workers that met
 there commit it empty (nothing sent): their torchft step becomes 1, so a latecomer (step 0) is
@@ -27,7 +52,14 @@ behind and heals instead of training from the initial weights.
 
 Records. ``<out>/replica<i>/`` is worker i's run directory (config, metrics, checkpoints,
 summary, plots), plus ``ft.jsonl``: one line per round opened (step, seconds waited for the
-quorum, participants, healed from whom) and per commit decision.
+quorum, participants, healed from whom; ``closing`` for the closing round), per commit decision,
+and per redo of a step whose commit failed.
+
+Fault injection (tests only). ``DESLOC_FT_FAULT`` = comma-separated ``KIND:STEP:REPLICAS``
+entries, REPLICAS ``*`` or ids joined by ``+``; each entry fires at most once per process:
+``commit:8:1`` -- replica 1 reports an error to torchft after the last all-reduce of step 8's
+sync, so its commit fails; ``kill:8:2`` -- replica 2 SIGKILLs itself after the first of step 8's
+per-tensor all-reduces (mid-sync, with its peers inside the same sync).
 """
 
 from __future__ import annotations
@@ -35,6 +67,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +80,8 @@ import torch
 from desloc.errors import ConfigError
 
 DEFAULT_LIGHTHOUSE = "127.0.0.1:29510"
+FAULT_ENV = "DESLOC_FT_FAULT"
+MAX_FAILED_IN_A_ROW = 10  # failed commits of one step before the worker stops
 
 
 def require_torchft() -> None:
@@ -126,6 +161,34 @@ def _detached(tree: Any) -> Any:
     return copy.deepcopy(tree) if not torch.is_tensor(tree) else tree.detach().clone()
 
 
+@dataclass
+class Fault:
+    """One ``DESLOC_FT_FAULT`` entry of this replica (see the module docstring)."""
+
+    kind: str  # "commit" (this replica's commit fails) or "kill" (SIGKILL mid-sync)
+    step: int  # the step whose sync it hits
+    fired: bool = False
+
+
+def parse_faults(spec: str, replica: int) -> list[Fault]:
+    """This replica's entries of a ``DESLOC_FT_FAULT`` value (empty: none)."""
+    faults = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        parts = entry.split(":")
+        try:
+            kind, step, who = parts
+            ids = None if who == "*" else {int(r) for r in who.split("+")}
+            fault = Fault(kind, int(step))
+        except ValueError:
+            kind = None
+        if kind not in ("commit", "kill") or fault.step < 1:
+            raise ConfigError(f"{FAULT_ENV} entries must be KIND:STEP:REPLICAS with KIND commit or kill, STEP >= 1 "
+                              f"and REPLICAS * or ids joined by +, got {entry!r}; e.g. {FAULT_ENV}=commit:8:1")
+        if ids is None or replica in ids:
+            faults.append(fault)
+    return faults
+
+
 class FtRuntime:
     """This worker's torchft Manager, its communicator, and the round / healing logic of the loop."""
 
@@ -171,6 +234,14 @@ class FtRuntime:
         self.comm.on_commit = self._on_commit
         self.rounds = 0
         self.heals: list[dict[str, Any]] = []
+        self.redos = 0
+        self._snapshot: dict[str, Any] | None = None  # the state before this step's sync (see settle)
+        self._failed = False  # a commit of this step's round failed
+        self._failed_in_a_row = 0
+        self._closing = False
+        self._faults = parse_faults(os.environ.get(FAULT_ENV, ""), self.replica)
+        if self._faults:
+            self.comm.after_reduce = self._inject
         self._write({"event": "start", "t": time.time(), "process_start_t": _process_start_time(), "pid": os.getpid()})
 
     # ---------------------------------------------------------------- torchft callbacks
@@ -201,11 +272,72 @@ class FtRuntime:
         return done
 
     def before_step(self, s, done: int) -> int:
-        """Before step done+1: open its round if it syncs. Returns the steps done (a heal moves it)."""
+        """Before step done+1: if it syncs, open its round (unless open) and snapshot what a
+        checkpoint after the step before it holds, for :meth:`settle`. Returns the steps done (a
+        heal moves it; the snapshot is then the healed state)."""
+        from desloc.loop import checkpoint_state
+
         self.done = done
-        if self.comm.round_open or not s.opt.schedule.due(done + 1):
+        self._snapshot = None
+        if not s.opt.schedule.due(done + 1):
             return done
-        return self._round(s, done)
+        if not self.comm.round_open:
+            done = self._round(s, done)
+        self._failed = False
+        snapshot = checkpoint_state(s, done, self.elapsed)
+        snapshot.pop("torchft", None)  # torchft keeps its own count of committed rounds
+        self._snapshot = _detached(snapshot)
+        return done
+
+    def settle(self, s) -> bool:
+        """After step done+1's ``opt.step()``: True if the step stands (it did not sync, or its
+        round committed); False if its commit failed: the snapshot is restored and the loop
+        redoes the step (in a new round, where a worker that is behind heals)."""
+        from desloc.loop import load_state
+
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None or not self._failed:
+            self._failed_in_a_row = 0
+            return True
+        load_state(s, snapshot)
+        self.redos += 1
+        self._failed_in_a_row += 1
+        self._write({"event": "redo", "step": self.done + 1, "t": time.time(), "participants": self.comm.world_size,
+                     "failed_in_a_row": self._failed_in_a_row})
+        if self._failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            raise ConfigError(f"--ft: the sync of step {self.done + 1} failed to commit {self._failed_in_a_row} times "
+                              f"in a row (last round: {self.comm.world_size} participants, --ft-min-replicas "
+                              f"{self.cfg.ft.min_replicas}); start the Lighthouse with --min-replicas >= "
+                              f"--ft-min-replicas, and see {self.log_path} and the peers' logs")
+        return False
+
+    def finish(self, s, done: int) -> bool:
+        """After the last step: the closing round (module docstring). Returns True if this
+        worker's final state came from a peer (healed in the closing round, or in the redo of a
+        last sync that failed): the loop then checkpoints it."""
+        self.done = done
+        self._closing = True
+        try:
+            if not self.comm.round_open:
+                self._round(s, done)
+            self.comm.close_round(timeout=self.quorum_timeout)
+        finally:
+            self._closing = False
+        return bool(self.heals) and self.heals[-1]["at_step"] >= done
+
+    def _inject(self, i: int, n: int) -> None:
+        """``DESLOC_FT_FAULT``: called after the i-th of a sync's n per-tensor all-reduces."""
+        step = self.done + 1
+        for fault in self._faults:
+            if fault.fired or fault.step != step or self._closing:
+                continue
+            if fault.kind == "kill" and i == 0:
+                self._write({"event": "fault", "kind": "kill", "step": step, "t": time.time(), "after_reduce": i})
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault.kind == "commit" and i == n - 1:
+                fault.fired = True
+                self._write({"event": "fault", "kind": "commit", "step": step, "t": time.time()})
+                self.manager.report_error(RuntimeError(f"{FAULT_ENV}: injected commit failure at step {step}"))
 
     def _round(self, s, done: int) -> int:
         self.done = done
@@ -216,7 +348,7 @@ class FtRuntime:
         self.rounds += 1
         row = {"event": "round", "step": done + 1, "t": time.time(), "quorum_s": waited,
                "participants": self.comm.world_size, "manager_step": self.manager.current_step(),
-               "healed_from": None}
+               "healed_from": None, **({"closing": True} if self._closing else {})}
         if self.healed is not None:
             row.update(healed_from=self.healed["from"], step=self.healed["step"] + 1, healed_step=self.healed["step"])
             self.heals.append({"at_step": self.healed["step"], "from": self.healed["from"], "was_at": done})
@@ -230,8 +362,10 @@ class FtRuntime:
         return done
 
     def _on_commit(self, ok: bool, seconds: float) -> None:
+        self._failed = self._failed or not ok
         self._write({"event": "commit", "step": self.done + 1, "t": time.time(), "committed": ok,
-                     "participants": self.comm.world_size, "commit_s": seconds})
+                     "participants": self.comm.world_size, "commit_s": seconds,
+                     **({"closing": True} if self._closing else {})})
 
     def _write(self, row: dict[str, Any]) -> None:
         with open(self.log_path, "a") as f:
@@ -240,7 +374,7 @@ class FtRuntime:
     def summary(self) -> dict[str, Any]:
         return {"replica_id": self.replica, "lighthouse": self.cfg.ft.lighthouse, "rounds": self.rounds,
                 "committed_syncs": self.comm.committed_syncs, "failed_syncs": self.comm.failed_syncs,
-                "heals": self.heals, "torchft_step": self.manager.current_step()}
+                "redos": self.redos, "heals": self.heals, "torchft_step": self.manager.current_step()}
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)

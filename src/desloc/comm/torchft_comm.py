@@ -12,11 +12,18 @@ One desloc worker = one torchft replica group. The engine of ``desloc train --ft
 * **The average is over the round's participants**: torchft's AVG all-reduce sums and then
   divides by ``num_participants()``, the arithmetic of the other engines (sum, then divide).
 * **All or nothing.** After the all-reduces, ``should_commit()`` says whether this replica group
-  saw every collective succeed. If not, every tensor is put back to its value before the call --
-  the sync is skipped, never half applied -- ``failed_syncs`` counts it and the ledger does not.
-  torchft decides commits per replica group, so a group that rolled back is one commit behind
-  the others; by torchft's design the next round heals it from a peer (:mod:`desloc.ft`) --
-  not verified here, unlike the healing of a restarted worker (tests/test_ft.py).
+  saw every collective succeed. If not, every tensor is put back to its value before the call,
+  ``failed_syncs`` counts it and the ledger does not. That undoes the tensors only: the method
+  acts on the returned tensors within the same ``step()`` (DDP's inner step, an outer step, a
+  reset of states), so :mod:`desloc.ft` restores the whole step from its snapshot and redoes it
+  in a new round. torchft decides commits per replica group: a group whose commit failed while
+  its peers' succeeded is one commit behind them and heals from a peer in the redo's round.
+* **The closing round** (:meth:`close_round`): a quorum with a one-element all-reduce and a
+  commit that is not a sync (no ledger, no ``committed_syncs``); :mod:`desloc.ft` runs it after
+  the last step, so a peer whose last sync failed can heal before everyone leaves (the
+  all-reduce keeps the peers serving their state until the healer has fetched it).
+* **Fault hook** (tests only): ``after_reduce(i, n)``, if set, is called after the i-th of the
+  call's n per-tensor all-reduces (:mod:`desloc.ft` uses it for ``DESLOC_FT_FAULT``).
 
 ``world_size`` is the last round's participant count; ``rank`` this worker's fixed index (its
 data shard and dropout stream: ``--replica-id``), not its place in the quorum. Overlapped
@@ -48,6 +55,7 @@ class TorchftComm(Communicator):
         self.round_open = False
         self.participating_rank: int | None = None
         self.on_commit = None  # callable(committed: bool, seconds: float), e.g. desloc.ft's log
+        self.after_reduce = None  # callable(i, n) after the i-th of n per-tensor all-reduces (DESLOC_FT_FAULT)
 
     @property
     def stacked(self) -> bool:
@@ -73,13 +81,23 @@ class TorchftComm(Communicator):
             self.on_commit(ok, time.perf_counter() - t0)
         return ok
 
+    def close_round(self, timeout=None) -> bool:
+        """The closing round: join a quorum (unless one is open), all-reduce one element, commit.
+        Nothing of the method is sent and nothing is counted; returns the commit decision."""
+        if not self.round_open:
+            self.start_round(timeout=timeout)
+        self.manager.allreduce(torch.zeros(1)).wait()  # a healer fetches its peer's state before this completes
+        return self.commit()
+
     def _all_or_nothing(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Average ``tensors`` in place over the round; roll back and return False on failure."""
         if not self.round_open:
             self.start_round()
         before = [t.detach().clone() for t in tensors]
-        for t in tensors:  # one at a time: torchft's process group serves one collective per call
+        for i, t in enumerate(tensors):  # one at a time: torchft's process group serves one collective per call
             self.manager.allreduce(t).wait()  # torchft's AVG: SUM, then divided by num_participants()
+            if self.after_reduce is not None:
+                self.after_reduce(i, len(tensors))
         if self.commit():
             self.committed_syncs += 1
             return True
