@@ -115,7 +115,7 @@ def _mix_previous(clock: VirtualClock, nbytes: float, links: list[tuple[int, int
     for src, dst in links:
         peers.setdefault(src, set()).add(dst)
         peers.setdefault(dst, set()).add(src)
-    # gossip_finish from a common start of 0 is alpha + max(S_i, max_{j->i} S_j)
+    # gossip_finish from a common start of 0 is alpha + max(S_i, max_{j->i} S_j, R_i)
     durations = clock.model.gossip_finish([0.0] * M, nbytes, links)
     before = list(clock.time)
     for i, ps in peers.items():

@@ -78,6 +78,7 @@ class Session:
     time_model: TimeModel
     clock: VirtualClock
     ft: Any = None  # desloc.ft.FtRuntime under --ft
+    join_source: dict[str, Any] | None = None  # --join-states checkpoint: desloc.membership.join_source
 
     @property
     def ckpt_rank(self) -> int:
@@ -172,7 +173,7 @@ def _prepare_corpus(cfg, comm) -> Corpus:
 
 
 # -------------------------------------------------------------------------------- membership
-def apply_membership(s: Session, done: int, last_ckpt: int) -> Session:
+def apply_membership(s: Session, done: int) -> Session:
     """After step ``done``: the session of the workers live from the next step on (the same one
     when no event happens). See :mod:`desloc.membership` for the rules."""
     from desloc.membership import (live_workers, parse_events, resize_clock_state, resize_optimizer_state,
@@ -183,20 +184,21 @@ def apply_membership(s: Session, done: int, last_ckpt: int) -> Session:
     if new == old:
         return s
     s.opt.finish_syncs()
-    checkpoint_state = None
+    checkpoint_means = None
     if s.cfg.join_states == "checkpoint" and new > old:
-        if last_ckpt > 0:
-            checkpoint_state = s.run.load_checkpoint(0, last_ckpt)["optimizer"]["inner"]["state"]
+        if s.join_source is not None:
+            checkpoint_means = s.join_source["states"]
         else:
             import warnings
 
             from desloc.errors import DeslocWarning
 
-            warnings.warn(f"--join-states checkpoint: no checkpoint before step {done}; the joining workers get "
-                          "the current averaged states", DeslocWarning)
+            warnings.warn(f"--join-states checkpoint: no checkpoint of the --ckpt-every {s.cfg.ckpt_every} schedule "
+                          f"before step {done}; the joining workers get the current averaged states", DeslocWarning)
     ns = build(s.cfg, s.run, s.backend, s.device, None, world_size=new, corpus=s.corpus)
+    ns.join_source = s.join_source
     ns.workers.load_model_state(resize_tree(s.workers.model_state(), old, new))
-    ns.opt.load_state_dict(resize_optimizer_state(s.opt.state_dict(), old, new, s.cfg.join_states, checkpoint_state))
+    ns.opt.load_state_dict(resize_optimizer_state(s.opt.state_dict(), old, new, s.cfg.join_states, checkpoint_means))
     ns.sched.load_state_dict(s.sched.state_dict())
     ns.clock.load_state_dict(resize_clock_state(s.clock.state_dict(), old, new))
     if ns.workers.is_main:
@@ -221,6 +223,10 @@ def restore(s: Session, start_step: int | None) -> tuple[int, float]:
         raise CheckpointMismatchError("checkpoint was trained on different data or tokenizer "
                                       f"({ckpt['data_fingerprint']} vs {s.corpus.fingerprint})")
     load_state(s, ckpt)
+    if s.cfg.events:
+        from desloc.membership import join_source
+
+        s.join_source = join_source(s.cfg, ckpt["step"], ckpt["optimizer"], ckpt.get("join_source"))
     if s.workers.is_main:
         s.run.truncate_metrics(ckpt["step"])
     return ckpt["step"], ckpt["elapsed_s"]
@@ -250,6 +256,12 @@ def checkpoint_state(s: Session, step: int, elapsed: float) -> dict[str, Any]:
              "clock": s.clock.state_dict()}
     if s.ft is not None:
         state["torchft"] = s.ft.manager.state_dict()
+    if s.cfg.events:  # what --join-states checkpoint joiners get, also after a resume from here
+        from desloc.membership import join_source
+
+        s.join_source = join_source(s.cfg, step, state["optimizer"], s.join_source)
+        if s.join_source is not None:
+            state["join_source"] = s.join_source
     if hasattr(s.workers.comm, "process_ledger"):  # --shard: what this process sent (its shards)
         state["process_ledger"] = s.workers.comm.process_ledger.state_dict()
     return state
@@ -259,9 +271,11 @@ def checkpoint(s: Session, step: int, elapsed: float) -> None:
     state = checkpoint_state(s, step, elapsed)
     if s.shards > 1:  # DCP, one checkpoint per replica group; this process keeps the rest
         from desloc.comm.mesh import save_sharded
+        from desloc.records import writing
 
-        state = save_sharded(state, s.run.checkpoint_file(step, s.ckpt_rank).parent / f"replica{s.rank}",
-                             s.workers.mesh)
+        where = s.run.checkpoint_file(step, s.ckpt_rank).parent / f"replica{s.rank}"
+        with writing(where, serializer=False):  # a failed write names the directory (records.writing)
+            state = save_sharded(state, where, s.workers.mesh)
     s.run.save_checkpoint(step, s.ckpt_rank, state)
     if s.backend not in ("sim", "torchft"):
         s.workers.comm.barrier()
@@ -436,7 +450,7 @@ def norm_clamp(norm: torch.Tensor) -> torch.Tensor:
 def time_summary(s: Session, steps: int) -> dict[str, Any]:
     """Modeled time of the run so far, the compute-only floor, and DDP's time under the same model."""
     param_bytes = sum(s.workers.comm.payload_bytes(p) for p in s.opt.params)
-    ddp = steps * s.time_model.ddp_step_time(param_bytes)
+    ddp = ddp_reference_time(s, steps, param_bytes)
     modeled = s.clock.now
     out = {"network": s.time_model.network.name, "step_time_s": s.time_model.step_time_s,
            "worker_speeds": s.time_model.worker_speeds, "link_speeds": s.time_model.link_speeds,
@@ -447,11 +461,30 @@ def time_summary(s: Session, steps: int) -> dict[str, Any]:
     return out
 
 
+def ddp_reference_time(s: Session, steps: int, param_bytes: int) -> float:
+    """Modeled time of DDP over the run's first ``steps`` steps with the run's membership: step t
+    costs one DDP step (the slowest worker's compute, then the gradient all-reduce) among the
+    workers live at step t (``--events``), not the final count."""
+    from desloc.membership import live_workers, parse_events
+
+    events = [e for e in parse_events(s.cfg.events) if e.step < steps]
+    if not events:
+        return steps * s.time_model.ddp_step_time(param_bytes)
+    total, start = 0.0, 0
+    for end in [e.step for e in events] + [steps]:  # steps [start, end) have the same live workers
+        model = dataclasses.replace(s.time_model, world_size=live_workers(s.cfg.workers, events, start),
+                                    worker_speeds=None, link_speeds=None)  # --events runs have nominal speeds
+        total += (end - start) * model.ddp_step_time(param_bytes)
+        start = end
+    return total
+
+
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+    """Bytes in SI units (kB = 1000 B, as network rates are counted)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
+        n /= 1000
     return str(n)
 
 
@@ -499,6 +532,9 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
         s.clock.local_step([w for w in range(workers.world_size) if w not in sitting_out])
         lr = s.sched.get_last_lr()[0]
         s.opt.step()
+        if ft is not None and not ft.settle(s):  # the round did not commit: state restored, redo the step
+            step = done - 1
+            continue
         if done == cfg.steps:
             s.opt.finish_syncs()  # the last delayed parameter average lands before the final evaluation
         s.sched.step()
@@ -520,7 +556,7 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
         elif workers.engine == "sim":
             stop_signal = stop.signum  # one process: no need to agree
         if cfg.events and done < cfg.steps:  # workers join or leave from the next step on
-            s = apply_membership(s, done, last_ckpt)
+            s = apply_membership(s, done)
             if s.workers is not workers:
                 workers = s.workers
                 if dynamics is not None:
@@ -536,6 +572,9 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
             end = done
             break
     bar.close()
+    if ft is not None and end == cfg.steps and ft.finish(s, end):  # closing round; healed: a peer's final state
+        val_loss = workers.mean_over_workers({"v": workers.evaluate(s.val_batches, s.device_type, cfg.bf16)})["v"]
+        checkpoint(s, end, elapsed_before + time.perf_counter() - t0)
     elapsed = elapsed_before + time.perf_counter() - t0
     result = summary(s, end, val_loss, elapsed)
     if ft is not None:
