@@ -18,6 +18,8 @@ import torch
 from desloc.optim import ADOPT, InnerConfig
 from desloc.optim.adopt import adopt_update
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 
 def adopt_scalar(x, grads, lr, beta1, beta2, eps, wd):
     """Trajectory [(x, u, v)] after each call, and the steps at which the clamp was active."""

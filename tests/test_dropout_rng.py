@@ -25,6 +25,8 @@ from desloc.records import RunDir
 from _runs import assert_same, desloc, final_state, stop_and_resume  # noqa: E402
 from desloc.workers import ProcessWorkers, SimWorkers, worker_seed
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 SMALL = ["--workers", "2", "--steps", "12", "--batch-size", "2", "--seq-len", "32", "--kx", "4",
          "--eval-every", "6", "--eval-batches", "2", "--log-every", "2", "--ckpt-every", "5",
          "--tokenizer", "byte", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2",

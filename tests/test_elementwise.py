@@ -11,6 +11,8 @@ import desloc.optim.elementwise as elementwise
 from desloc.errors import ConfigError
 from desloc.optim import ADOPT, MTDAO
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 SHAPES = [(7,), (3, 5), (), (4, 2, 3), (1,)]
 BUILDERS = {
     "adopt": lambda ps: ADOPT(ps, lr=0.01, weight_decay=0.1),

@@ -30,6 +30,9 @@ from desloc.timing import NetworkProfile, TimeModel, VirtualClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist_workload as wl  # noqa: E402
+from _numerics import assert_within, gamma  # noqa: E402
+
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
 
 M = 3
 SNAP_PARTS = ("params", "states", "scalars")
@@ -202,7 +205,11 @@ def test_delayed_param_sync_follows_the_documented_rule(delay, outer):
         x.grad = _quadratic_grads(x.detach(), t)
         opt.step()
     want = _delayed_reference(steps, kx, delay, lr, outer)
-    torch.testing.assert_close(x.double(), want, rtol=1e-5, atol=1e-6)
+    # fp32 vs the float64 rule: each step rounds at most ~20 times (target, gradient, SGD step,
+    # 3-term mean, x + (mean - snap), the outer step) values of magnitude <= 2 (|x|, |target|
+    # <= 1 plus steps); the SGD step contracts (factor 1 - lr), the mean does not expand, the
+    # outer Nesterov step amplifies by at most eta (1 + mu) / (1 - mu) = 2.1 <= 4.
+    assert_within(x.double(), want, 4 * gamma(20 * steps) * 2.0, f"delay {delay} outer {outer}")
     # and the delay changed something: the blocking run ends elsewhere
     y = torch.linspace(-1, 1, 4).repeat(M, 1).contiguous()
     blocking = build_method(MethodConfig("keep-states", period_x=kx, **kwargs), torch.optim.SGD([y], lr=lr),

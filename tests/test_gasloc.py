@@ -6,6 +6,8 @@ import torch
 from desloc import ConfigError, InnerConfig, MethodConfig, SimulatedComm, build_method
 from desloc.topology import TOPOLOGIES, matrix, mixing, spectral_gap
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 M, N = 4, 6
 
 

@@ -6,7 +6,9 @@ batches once with ``SimulatedComm(M)`` and once in M gloo processes with ``Torch
 
 * M = 2: final parameters and optimizer states are bitwise equal (a 2-term sum is the same in
   any order, and both engines divide the sum by M).
-* M = 4: equal up to float rounding (gloo sums in a different order than ``sum(dim=0)``).
+* M = 4: equal within the error bound for two summation orders of the run's 4-term means
+  (gloo's ring sums in another order than ``sum(dim=0)``; ``_numerics.reorder_tolerance``, the
+  workload's conditioning checked in ``tests/test_simulator.py``).
 * The ledgers agree exactly (bytes and syncs per tag, collectives, gossip links), on every rank.
 * Engine-independent ledgers (the definitions in ``desloc.comm.ledger``): the ledger summary is
   the same on the simulator and on every rank of 2 and 3 gloo processes, with the all-reduce
@@ -29,9 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned ranks inherit sys.path
 import _dist_workload as wl  # noqa: E402
+from _numerics import assert_within, reorder_tolerance  # noqa: E402
 
 JOIN_TIMEOUT_S = {2: 120.0, 4: 200.0}
-pytestmark = pytest.mark.timeout(280)
+pytestmark = [pytest.mark.timeout(280), pytest.mark.numerics]
 
 COMBO_IDS = [wl.combo_key(m, i) for m, i in wl.COMBOS]
 PARAM_BYTES = (4 * 8 + 8 + 8 * 1 + 1) * 4  # the MLP's parameters, fp32, one worker
@@ -58,26 +61,27 @@ def _pair(engines, world_size: int, key: str):
     return sims[key]["full"], wl.stack_ranks([r[key]["full"] for r in ranks])
 
 
-def _assert_same(a: torch.Tensor, b: torch.Tensor, bitwise: bool, what: str) -> None:
+def _assert_same(a: torch.Tensor, b: torch.Tensor, world_size: int, what: str) -> None:
+    """Bitwise at M = 2 (a 2-term sum is order-free, /2 is exact, every other operation runs the
+    same kernels on the same shapes with one thread); else within the summation-order bound."""
     assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
-    if bitwise:
+    if world_size == 2:
         assert torch.equal(a, b), f"{what}: max |diff| {(a - b).abs().max().item():.3e} (expected bitwise equal)"
     else:
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+        assert_within(b, a, reorder_tolerance(a, world_size, wl.STEPS, wl.REORDER_GAIN), what)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("key", COMBO_IDS)
 def test_params_and_states_match(engines, world_size, key):
     sim, real = _pair(engines, world_size, key)
-    bitwise = world_size == 2
     assert sorted(sim["params"]) == sorted(real["params"])
     for name in sim["params"]:
-        _assert_same(sim["params"][name], real["params"][name], bitwise, f"{key} M={world_size} param {name}")
+        _assert_same(sim["params"][name], real["params"][name], world_size, f"{key} M={world_size} param {name}")
     assert sorted(sim["states"]) == sorted(real["states"]), "the engines' optimizers hold different states"
     assert sim["states"], f"{key}: no optimizer states were compared"
     for name in sim["states"]:
-        _assert_same(sim["states"][name], real["states"][name], bitwise, f"{key} M={world_size} state {name}")
+        _assert_same(sim["states"][name], real["states"][name], world_size, f"{key} M={world_size} state {name}")
     # Scalar states (Adam/ADOPT's step) are identical on every rank and equal the simulator's.
     assert sorted(sim["scalars"]) == sorted(real["scalars"])
     for name, per_rank in real["scalars"].items():
@@ -210,7 +214,7 @@ def test_odd_one_peer_gossip_bytes_are_exact_means(tmp_path_factory):
 def test_scalar_parameter_trains_identically_on_both_engines(tmp_path_factory, world_size):
     """A 0-dim parameter's Adam moments are 0-dim on a rank, like the ``step`` counter: the
     methods find the states they sync (and GASLoC the states an idle worker keeps) by name.
-    Bitwise at M = 2, to float rounding at M = 3."""
+    Bitwise at M = 2, within the summation-order bound at M = 3."""
     sims, ranks = _extra_run(tmp_path_factory, "scalar", world_size, model="scalar")
     for method, inner in LEDGER_COMBOS:
         key = wl.combo_key(method, inner)
@@ -219,7 +223,7 @@ def test_scalar_parameter_trains_identically_on_both_engines(tmp_path_factory, w
         for part in ("params", "states"):
             assert sorted(sim[part]) == sorted(real[part]), f"{key}: {part}"
             for name in sim[part]:
-                _assert_same(sim[part][name], real[part][name], world_size == 2, f"{key} M={world_size} {part} {name}")
+                _assert_same(sim[part][name], real[part][name], world_size, f"{key} M={world_size} {part} {name}")
         assert any(n.startswith("scale.") for n in sim["states"]), f"{key}: the scalar's states were compared"
         assert sorted(sim["scalars"]) == sorted(real["scalars"])
         for name, per_rank in real["scalars"].items():

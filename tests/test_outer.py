@@ -7,6 +7,8 @@ import torch
 
 from desloc import ConfigError, InnerConfig, MethodConfig, SimulatedComm, build_method
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 M, N = 3, 5
 
 

@@ -18,6 +18,8 @@ from desloc.algorithms import DesLoc, MethodConfig, build_method
 from desloc.comm import SimulatedComm
 from desloc.optim import InnerConfig
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 N = 6
 HP = {
     "adamw": dict(lr=0.03, beta1=0.9, beta2=0.99, weight_decay=0.1),

@@ -27,6 +27,8 @@ from desloc.algorithms import MethodConfig, build_method
 from desloc.comm import SimulatedComm
 from desloc.optim import InnerConfig
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 M, N, T = 3, 5, 25
 DT = torch.float64
 RTOL, ATOL = 1e-10, 1e-12

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned ranks inheri
 import _dist_workload as wl  # noqa: E402
 from desloc.errors import CheckpointMismatchError  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 SIM_WORKERS = 3
 GLOO_WORKERS = 2
 JOIN_TIMEOUT_S = 120.0

@@ -28,6 +28,8 @@ from _dist_workload import spawn_ranks
 
 import _sharded_workload as work
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again under ATEN_CPU_CAPABILITY=default
+
 COMBOS = [("ddp", "adamw"), ("local-adam", "adamw"), ("desloc", "adamw"), ("diloco", "adamw"),
           ("keep-states", "adamw"), ("reset-states", "adamw"), ("desloc+nesterov", "adamw"),
           ("mtdao", "mtdao"), ("local-adam", "adopt"), ("desloc", "sgdm"), ("gasloc@ring", "adamw")]
