@@ -472,7 +472,17 @@ def test_timeout_reaches_init_and_a_collective_timeout_is_one_line(tmp_path, cac
     assert "--timeout SECONDS (now 7)" in line and "Timed out waiting 7000ms" in line
 
 
-def test_compare_passes_the_timeout_to_every_run(fake_compare, tmp_path, cache, capsys):
+def test_timeout_is_refused_where_nothing_waits_for_a_collective(tmp_path, cache, capsys):
+    """The simulator has no collectives and an --ft worker waits --ft-timeout: --timeout would be ignored."""
+    refused_early(capsys, cache, train_args(tmp_path, "--timeout", "60"), "--timeout would be ignored: the simulator")
+    refused_early(capsys, cache, ["compare", *TINY, "--timeout", "60", "--out", str(tmp_path / "c")],
+                  "--timeout would be ignored: the simulator")
+    refused_early(capsys, cache, train_args(tmp_path, "--timeout", "60", "--ft", "--replica-id", "0"),
+                  "--timeout would be ignored: an --ft worker")
+
+
+def test_compare_passes_the_timeout_to_every_run(fake_compare, tmp_path, cache, capsys, monkeypatch):
+    _torchrun_env(monkeypatch)  # --timeout applies to collectives, i.e. under torchrun
     assert main(["compare", *TINY, "--methods", "ddp,desloc", "--timeout", "9", "--out", str(tmp_path / "c")]) == 0
     train = fake_compare["train"]
     timeout = fake_compare["kw"].get("timeout_s", getattr(train, "keywords", {}).get("timeout_s"))

@@ -197,9 +197,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bf16 autocast")
     p.add_argument("--state-dynamics", action="store_true", default=argparse.SUPPRESS,
                    help="log each state's relative change between logging steps and its spread across workers")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="under torchrun: how long a collective waits for the other workers before the run "
-                   "stops with an error (default 600)")
+                   f"stops with an error (default {DEFAULT_TIMEOUT_S:g})")
 
 
 def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, build: bool = True, **fixed: Any):
@@ -396,13 +396,26 @@ def _check_sync_happens(cfg) -> None:
 
 
 MAX_TIMEOUT_S = 366 * 86400  # a year: far above any collective, far below timedelta's limit
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def _check_timeout(args: argparse.Namespace) -> None:
+    """--timeout: in range, and only where collectives run (torchrun, --backend gloo/nccl); the
+    simulator and --ft (which has --ft-timeout) would ignore it. Not given: the default."""
     t = args.timeout
+    if t is None:
+        args.timeout = DEFAULT_TIMEOUT_S
+        return
     if not (math.isfinite(t) and 0 < t <= MAX_TIMEOUT_S):
         raise ConfigError(f"--timeout must be a finite number of seconds in (0, {MAX_TIMEOUT_S}], got {t}; e.g. "
                           "--timeout 60 (how long a collective waits for a worker before the run stops)")
+    if getattr(args, "ft", False):
+        raise ConfigError("--timeout would be ignored: an --ft worker's collectives wait --ft-timeout seconds. "
+                          "Drop --timeout (use --ft-timeout)")
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not under_torchrun and getattr(args, "backend", "auto") in ("auto", "sim"):
+        raise ConfigError("--timeout would be ignored: the simulator runs every worker in this process and waits "
+                          "for no collective. Drop --timeout (it applies under torchrun)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
