@@ -125,7 +125,6 @@ def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | N
     """Data, model, workers, the method's optimizer and the LR schedule, on either engine.
     ``world_size``: the simulator's live workers when membership events changed them; ``ft``: the
     torchft runtime (``--ft``), whose communicator is ``comm``."""
-    from desloc.train import lr_factor
 
     m = cfg.workers if world_size is None else world_size
     corpus = corpus if corpus is not None else _prepare_corpus(cfg, comm if ft is None else None)
@@ -170,6 +169,22 @@ def _prepare_corpus(cfg, comm) -> Corpus:
     if comm is not None and first:
         comm.barrier()
     return corpus
+
+
+def lr_factor(cfg, step: int) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warmup, then the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "wsd":  # warmup-stable-decay: flat, then linear decay over the tail
+        decay_start = cfg.steps - int(cfg.wsd_decay_fraction * cfg.steps)
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(cfg.steps - decay_start, 1)
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * frac
+    frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 # -------------------------------------------------------------------------------- membership

@@ -10,7 +10,6 @@ directory (:mod:`desloc.records`); ``--resume`` continues bit-for-bit from the l
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,22 +239,6 @@ class TrainConfig:
         return cls(method=MethodConfig(**d.pop("method", {})), inner=InnerConfig(**d.pop("inner", {})),
                    data=DataConfig(**d.pop("data", {})), time=TimeConfig(**d.pop("time", {})),
                    ft=FtConfig(**ft) if ft else None, **d)
-
-
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Multiplier of the base lr at ``step`` (0-based): linear warmup, then the schedule."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "wsd":  # warmup-stable-decay: flat, then linear decay over the tail
-        decay_start = cfg.steps - int(cfg.wsd_decay_fraction * cfg.steps)
-        if step < decay_start:
-            return 1.0
-        frac = (step - decay_start) / max(cfg.steps - decay_start, 1)
-        return 1.0 - (1.0 - cfg.min_lr_ratio) * frac
-    frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
