@@ -9,7 +9,7 @@ with NCCL (a 1 x 1 mesh: one replica group of one shard):
    shard FSDP's all-gather and reduce-scatter are copies): parameters and both Adam moments.
 2. ``dcp_roundtrip``: the sharded run's checkpoint state written with DCP from CUDA DTensors and
    read back into fresh ones is bitwise equal.
-3. ``peak_memory``: ``torch.cuda.max_memory_allocated`` of each arm, and the step time.
+3. ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` of each arm, and the step time.
 4. ``two_ranks_one_gpu`` (``--try-two-ranks``, run separately with ``--nproc_per_node 2``): whether
    NCCL accepts a 1 x 2 mesh on one GPU; the error is recorded if not.
 
@@ -75,7 +75,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     import torch.distributed as dist
 
-    from desloc.comm.mesh import MeshComm, init_mesh, load_sharded, save_sharded, shard_model
+    from desloc.comm.dcp import load_sharded, save_sharded
+    from desloc.comm.fsdp import init_mesh, shard_model
+    from desloc.comm.mesh import MeshComm
     from desloc.comm.torch_dist import TorchDistComm, init_from_env
 
     if a.try_two_ranks and torch.cuda.is_available():  # every rank on the one GPU

@@ -74,7 +74,7 @@ def main() -> None:
             "--ckpt-every", str(a.steps)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # --shard fixes glibc's mmap threshold (desloc.comm.mesh.limit_cpu_heap_fragmentation);
+        # --shard fixes glibc's mmap threshold (desloc.runtime.sharded.limit_cpu_heap_fragmentation);
         # the third arm gives the unsharded run the same allocator setting, through the environment
         fixed = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
         for name, nproc, shard, env in (("unsharded", 2, 1, None), ("sharded", 4, 2, None),

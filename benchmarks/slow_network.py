@@ -26,13 +26,11 @@ SIGTERM or SIGHUP (turned into an exception) and at interpreter exit. `--cleanup
 namespace named `desloc-sn*` (after stopping the processes still inside it).
 
 tbf parameters: `burst = max(rate * 1 ms, 32 KiB)`, `latency 100ms`. The kernel's tbf schedules
-with high-resolution timers, so the classic `rate / HZ` minimum (4 ms at this kernel's HZ = 250)
-is not needed to reach the rate: one-flow TCP at 1gbit measured 947 Mb/s goodput with 32 KiB,
-953 with 125 KiB and 956 with 500 KiB (20mbit: 19.2 Mb/s, 100mbit: 95.6 Mb/s with 32 KiB; the
-~4.4% below nominal is the TCP/IP/Ethernet header overhead of 1500-byte frames, which tbf
-counts). A large burst would let the first `burst` bytes of each all-reduce after a compute phase
-pass at line speed; 1 ms of the rate keeps that below 3% of DDP's per-step payload. The 100 ms
-queue (limit = rate x latency + burst) was large enough that no packet was dropped.
+with high-resolution timers, so the classic `rate / HZ` minimum burst is not needed to reach the
+rate (the goodput measured with these bursts: benchmarks/README.md, "Design notes and history").
+A large burst would let the first `burst` bytes of each all-reduce after a compute phase pass at
+line speed; 1 ms of the rate keeps that below 3% of DDP's per-step payload. The 100 ms queue
+(limit = rate x latency + burst) is there so that no packet is dropped.
 
 What is run, per rate (default `--rates 20mbit,100mbit,1gbit` and `unlimited`, no qdisc; the
 rate is changed with `tc qdisc replace` / `del`, the namespaces are built once) and per arm, all
@@ -45,8 +43,7 @@ with the same model (tiny), steps (96), batch, seed, data, so the same tokens:
 Each arm: 4 processes `ip netns exec <ns_i> env GLOO_SOCKET_IFNAME=<veth_i> OMP_NUM_THREADS=1
 torchrun --nnodes 4 --node-rank i --nproc-per-node 1 --master-addr 10.213.0.1 --master-port
 <port> -m desloc train --backend gloo --out <run> --overwrite ...` sharing one `--out`.
-Arms whose flag `desloc train --help` does not list (`--no-overlap`, `--param-delay` while they
-are being added) are skipped with a note in the record. Evaluation only at the last step
+Arms whose flag `desloc train --help` does not list are skipped with a note in the record. Evaluation only at the last step
 (4 batches), one log row, one checkpoint (at the end); all of this is inside the training loop's
 time for every arm alike.
 
@@ -75,9 +72,7 @@ after the timed runs (they do not depend on this machine's load).
 
 `--quick`: 16 steps, K = 4 (desloc 4/8/16, diloco H = 4, --param-delay 2), one rate (100mbit)
 and unlimited. `--reps N` repeats every timed run (arm order reversed every rep; medians
-reported). Cost of the full run on 2 cores, estimated from the quick one: the 24 timed runs
-~26 min (each ~13 s of process start-up and rendezvous, ~36 s of compute; DDP at 20mbit ~4 min),
-the predictions and the rest ~1 min.
+reported). The full run does 24 timed runs (its cost on 2 cores: benchmarks/README.md).
 
 Record: `results/slow_network.json` (`--quick`: `slow_network_quick.json`, never the real one),
 the table printed at the end, and `results/slow_network.png` (training-loop time per arm per

@@ -18,9 +18,9 @@ Arms, interleaved in the same processes (their order reversed every rep: ABC CBA
   collective per buffer) and divides each by M; every byte is done when the call returns
   (checked: nothing left in flight). The division by M is included here -- it is part of an
   average -- and not in ``raw``.
-* desloc_copy -- the same wrapper built with ``zero_copy=False``: the copying path of the
-  previous release (tensor lists -> ``TorchDistComm.all_reduce_mean``: ``torch.cat`` into a
-  reused bucket, SUM all-reduce, division fused into the copy back). Before/after in one run.
+* desloc_copy -- the same wrapper built with ``zero_copy=False``: the copying path (tensor
+  lists -> ``TorchDistComm.all_reduce_mean``: ``torch.cat`` into a reused bucket, SUM
+  all-reduce, division fused into the copy back), timed in the same run.
 * raw         -- one bare ``dist.all_reduce(flat, SUM)`` of a single preallocated contiguous
   tensor with the same number of bytes (no division, no wrapper): the network floor, what "one
   raw all-reduce" means.
@@ -30,9 +30,9 @@ With ``--compare``, reference arms join the interleaving:
 * desloc_overlap -- the zero-copy wrapper with the default ``overlap=True``, timed call
   ``_after_local_step()`` + ``wait_for_syncs()`` (the two state syncs in flight together, then
   waited): what a default run pays when no compute hides the state syncs.
-* desloc_pre_fix -- the copying wrapper through the bucket code ``TorchDistComm`` had before it
-  reused its flat buffer (fresh ``torch.cat``, ``div_``, then ``copy_`` back), kept here
-  verbatim (``PreFixTorchDistComm``).
+* desloc_pre_fix -- the copying wrapper through a bucket that is allocated afresh each call
+  (fresh ``torch.cat``, ``div_``, then ``copy_`` back: ``PreFixTorchDistComm``; where it comes
+  from: benchmarks/README.md, "Design notes and history").
 * flatten_floor -- ``torch.cat`` of the same tensors into a preallocated buffer, the raw
   all-reduce, plain ``copy_`` back: no division, no ledger, no wrapper. The least any
   flatten/unflatten (copying) implementation pays.

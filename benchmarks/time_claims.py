@@ -32,10 +32,11 @@ Checks recorded with the numbers (each must hold, else the record says which did
   steps * max_w c_w + calls * 2(M-1) alpha + 2(M-1)/M * bytes_sent / min_w B_w;
 - replaying each gasloc run's events (its H_i and the same random matchings) through
   desloc.timing.VirtualClock reproduces its logged modeled_time_s at every evaluation.
-Gossip clock (desloc.timing, since commit f62cbf1): each sender starts when it is ready,
+Gossip clock (desloc.timing): each sender starts when it is ready,
 t_i <- alpha + max(t_i + S_i, max_{j->i} (t_j + S_j)). For contrast the same events are also
-replayed under the previous (wrong) rule, in which every exchange started when the last
-participant arrived (see "gossip_rule" in the record); those curves are drawn dashed.
+replayed under the "previous" rule (``_mix_previous``), in which every exchange starts when the
+last participant arrives (see "gossip_rule" in the record; why: benchmarks/README.md, "Design
+notes and history"); those curves are drawn dashed.
 
     python benchmarks/time_claims.py [--steps-a 240] [--steps-b 256] [--seeds 0,1] [--quick]
 """

@@ -1,12 +1,14 @@
 """Shared by the CLI tests: a refusal as the tests expect it (exit code 2 and one ``desloc: error:``
-line), the torchrun environment variables to clear, and flag-list editing."""
+line), the tiny run most of them start from, and flag-list editing."""
 
 from __future__ import annotations
 
 from desloc.cli import main
 
-# what torchrun sets for its workers: cleared where a test must not look like one of them
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+# a 4-step run of a one-layer model on byte tokens: fast enough for any test that reaches training
+TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
+        "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
+        "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
 
 
 def without(args: list[str], *flags: str) -> list[str]:

@@ -1,12 +1,31 @@
-"""Helpers shared by the end-to-end tests: run the ``desloc`` CLI (optionally under torchrun) and
-compare the final per-worker state of two runs, whichever engine wrote them."""
+"""Helpers shared by the end-to-end tests: the environment of a ``desloc`` subprocess, run the CLI
+(optionally under torchrun) and compare the final per-worker state of two runs, whichever engine
+wrote them."""
 
+import os
 import subprocess
 import sys
 
 import torch
 
 from desloc.records import RunDir
+
+# what torchrun sets for its workers: cleared where a process must not look like one of them
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def cli_env(cache=None, **extra: str) -> dict[str, str]:
+    """``os.environ`` for a ``desloc`` subprocess: one thread (the machine is shared), none of
+    torchrun's variables (a plain ``desloc`` must not take itself for a torchrun worker),
+    ``DESLOC_CACHE=cache`` where given, then ``extra``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in TORCHRUN_VARS:
+        env.pop(k, None)
+    if cache is not None:
+        env["DESLOC_CACHE"] = str(cache)
+    env.update(extra)
+    return env
 
 
 def desloc(args, env, torchrun=0, timeout=240):

@@ -70,7 +70,8 @@ def _build(model, method: str, inner: str, comm):
 
 
 def run_sharded(method: str, inner: str, whole: bool = False) -> dict[str, Any]:
-    from desloc.comm.mesh import MeshComm, init_mesh, shard_model
+    from desloc.comm.fsdp import init_mesh, shard_model
+    from desloc.comm.mesh import MeshComm
 
     rmesh = init_mesh(SHARDS)
     model = shard_model(make_gpt(), rmesh)

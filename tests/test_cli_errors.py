@@ -25,27 +25,8 @@ from desloc.data import corpus as data
 from desloc.errors import ConfigError, DeslocWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli_helpers import TORCHRUN_VARS, error_line, without
-
-TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
-        "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
-        "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """An empty cache folder of this test: still empty afterwards = no data was read."""
-    c = tmp_path / "cache"
-    monkeypatch.setenv("DESLOC_CACHE", str(c))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for k in TORCHRUN_VARS:
-        monkeypatch.delenv(k, raising=False)
-    return c
+from _cli_helpers import TINY, error_line, without
+from _runs import cli_env
 
 
 def refused_early(capsys, cache: Path, argv: list[str], *fragments: str) -> str:
@@ -196,7 +177,15 @@ def test_kx_larger_than_steps(tmp_path, cache, capsys):
 def test_kx_larger_than_steps_is_irrelevant_for_ddp():
     from desloc.train import TrainConfig
 
-    cli._check_sync_happens(TrainConfig.from_dict({"method": {"name": "ddp", "period_x": 500}, "steps": 10}))
+    TrainConfig.from_dict({"method": {"name": "ddp", "period_x": 500}, "steps": 10})  # checks K_x <= steps itself
+
+
+def test_kx_larger_than_steps_is_refused_by_the_library_too():
+    """An API user gets the CLI's check: TrainConfig refuses a run whose workers are never averaged."""
+    from desloc.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"K_x=32 > steps=10: no parameter sync"):
+        TrainConfig.from_dict({"method": {"name": "desloc", "period_x": 32}, "steps": 10})
 
 
 # -------------------------------------------------------------------------- 9. flags the method ignores
@@ -336,10 +325,7 @@ def test_method_mtdao_with_sgdm_is_refused(tmp_path, cache, capsys):
     refused_early(capsys, cache, train_args(tmp_path, "--method", "mtdao", "--inner", "sgdm"), "no sgdm flavour")
 
 
-def test_method_mtdao_alone_trains(tmp_path, shared_cache, monkeypatch, capsys):
-    monkeypatch.setenv("DESLOC_CACHE", str(shared_cache))
-    for k in TORCHRUN_VARS:
-        monkeypatch.delenv(k, raising=False)
+def test_method_mtdao_alone_trains(tmp_path, token_cache, capsys):
     assert main(train_args(tmp_path, "--method", "mtdao")) == 0, capsys.readouterr().err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["inner"]["name"] == "mtdao" and saved["method"]["name"] == "mtdao"
@@ -416,8 +402,7 @@ def test_tiny_text_suggests_numbers_that_fit(tmp_path, cache, capsys):
         "training text is too small" not in capsys.readouterr().err
 
 
-def test_tiny_validation_text_suggests_numbers_that_fit(tmp_path, shared_cache, monkeypatch, capsys):
-    monkeypatch.setenv("DESLOC_CACHE", str(shared_cache))
+def test_tiny_validation_text_suggests_numbers_that_fit(tmp_path, token_cache, capsys):
     f = tmp_path / "short.txt"
     f.write_bytes(b"x" * 300)  # 285 train tokens (4 blocks), a 15-token validation tail
     line = error_line(capsys, train_args(tmp_path, "--data", str(f)))
@@ -425,8 +410,7 @@ def test_tiny_validation_text_suggests_numbers_that_fit(tmp_path, shared_cache, 
     assert "--seq-len 14" in line and "raise val_fraction to 0.06" in line
 
 
-def test_invalid_bytes_warning_then_tiny_text_error_are_one_line_each(tmp_path, shared_cache, monkeypatch, capsys):
-    monkeypatch.setenv("DESLOC_CACHE", str(shared_cache))
+def test_invalid_bytes_warning_then_tiny_text_error_are_one_line_each(tmp_path, token_cache, capsys):
     f = tmp_path / "t.txt"
     f.write_bytes(b"a" * 150 + b"\xfe" + b"b" * 49)
     try:
@@ -529,11 +513,9 @@ def _state(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find the worker processes")
-def test_stopped_torchrun_worker_gives_a_one_line_timeout(tmp_path, shared_cache):
+def test_stopped_torchrun_worker_gives_a_one_line_timeout(tmp_path, token_cache_dir):
     """A real 2-process gloo run; rank 1 gets SIGSTOP; rank 0 stops after --timeout 3 with one line."""
-    env = dict(os.environ, DESLOC_CACHE=str(shared_cache), OMP_NUM_THREADS="1")
-    for k in TORCHRUN_VARS:
-        env.pop(k, None)
+    env = cli_env(token_cache_dir)
     out = tmp_path / "run"
     args = without(TINY, "--steps", "--eval-every", "--ckpt-every", "--kx") + [
         "--method", "ddp", "--steps", "100000", "--eval-every", "100000", "--ckpt-every", "100000", "--timeout", "3"]

@@ -21,22 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from _runs import assert_same, desloc, final_state  # noqa: E402
+from _runs import assert_same, cli_env, desloc, final_state  # noqa: E402
 
 ARGS = ["--workers", "2", "--steps", "3000", "--batch-size", "2", "--seq-len", "32", "--kx", "4",
         "--eval-every", "3000", "--eval-batches", "1", "--log-every", "25", "--ckpt-every", "200",
         "--tokenizer", "byte", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2",
         "--set", "block_size=32", "--backend", "gloo", "--timeout", "120"]
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 BOUND_S = 30.0  # from the kill to the survivor's exit
-
-
-def _env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ, DESLOC_CACHE=str(cache), OMP_NUM_THREADS="1")
-    for k in TORCHRUN_VARS:
-        env.pop(k, None)
-    return env
 
 
 def _free_port() -> int:
@@ -69,7 +60,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 @pytest.mark.timeout(280)
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find the worker processes")
 def test_a_killed_worker_stops_the_others_and_resume_finishes_bitwise(tmp_path):
-    env = _env(tmp_path / "cache")
+    env = cli_env(tmp_path / "cache")
     straight = tmp_path / "straight"
     proc = desloc(["train", *ARGS, "--out", str(straight)], env, torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

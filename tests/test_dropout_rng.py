@@ -33,20 +33,8 @@ SMALL = ["--workers", "2", "--steps", "12", "--batch-size", "2", "--seq-len", "3
          "--set", "block_size=32", "--set", "dropout=0.1"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return dict(os.environ, DESLOC_CACHE=str(cache), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-
-
 def rows(run):
     return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in RunDir(run).read_metrics()]
-
-
-
-
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,8 @@ from desloc.records import RunDir
 from desloc.train import TrainConfig, _check_run_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli_helpers import TORCHRUN_VARS, error_line, without
+from _cli_helpers import TINY, error_line, without
 
-TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
-        "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
-        "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
 # were a refusal ever to go missing, the worker would give up on the (absent) Lighthouse within seconds
 FAST_FAIL = ["--lighthouse", "127.0.0.1:9", "--ft-timeout", "1", "--ft-quorum-timeout", "1"]
 TIMEOUT_FLAGS = {"timeout_s": "--ft-timeout", "quorum_timeout_s": "--ft-quorum-timeout"}
@@ -45,23 +42,22 @@ SUMMARY_KEYS = ("method", "workers", "steps", "tokens", "final_val_loss", "final
                 "ratio_vs_ddp", "wall_time_s", "network", "modeled_time_s", "speedup_vs_ddp_modeled")
 FT_ENV = ("REPLICA_GROUP_ID", "TORCHFT_LIGHTHOUSE")
 
+K4 = MethodConfig("desloc", period_x=4)  # K_x <= steps: TrainConfig refuses a run that never averages
+
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """An empty cache folder of this test (still empty afterwards = no data was read); no torchrun or
-    torchft variables from the environment the tests run in; no training."""
-    c = tmp_path / "cache"
-    monkeypatch.setenv("DESLOC_CACHE", str(c))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for k in TORCHRUN_VARS + FT_ENV:
+def cache(cache, monkeypatch) -> Path:
+    """conftest's empty cache folder of this test (still empty afterwards = no data was read, no
+    torchrun variables), and: no torchft variables from the environment the tests run in; no training."""
+    for k in FT_ENV:
         monkeypatch.delenv(k, raising=False)
 
     def refuse(*args, **kwargs):  # were a refusal ever to go missing, the test fails here instead of training
         raise AssertionError("training started")
 
     monkeypatch.setattr("desloc.loop.build", refuse)
-    monkeypatch.setattr("desloc.ft.FtRuntime", refuse)
-    return c
+    monkeypatch.setattr("desloc.runtime.torchft.FtRuntime", refuse)
+    return cache
 
 
 @pytest.fixture
@@ -198,21 +194,21 @@ def test_connection_fields_are_the_ft_settings_a_restart_may_change():
 
 
 def test_identity_drops_exactly_the_connection_fields():
-    cfg = TrainConfig(workers=3, steps=8, ft=FtConfig(replica_id=2, lighthouse="10.0.0.1:1", timeout_s=5.0,
+    cfg = TrainConfig(workers=3, steps=8, method=K4, ft=FtConfig(replica_id=2, lighthouse="10.0.0.1:1", timeout_s=5.0,
                                                       quorum_timeout_s=30.0, min_replicas=2)).to_dict()
     before = json.loads(json.dumps(cfg))
     ident = identity(cfg)
     assert ident["ft"] == {"replica_id": 2}  # the replica id stays: it is the worker's data shard
     assert {k: v for k, v in ident.items() if k != "ft"} == {k: v for k, v in cfg.items() if k != "ft"}
     assert cfg == before  # the config itself is untouched
-    moved = TrainConfig(workers=3, steps=8, ft=FtConfig(replica_id=2, lighthouse="10.9.9.9:7")).to_dict()
+    moved = TrainConfig(workers=3, steps=8, method=K4, ft=FtConfig(replica_id=2, lighthouse="10.9.9.9:7")).to_dict()
     assert identity(moved) == ident
-    assert identity(TrainConfig(workers=3, steps=8, ft=FtConfig(replica_id=1)).to_dict()) != ident
-    assert identity(TrainConfig(workers=3, steps=9, ft=FtConfig(replica_id=2)).to_dict()) != ident
+    assert identity(TrainConfig(workers=3, steps=8, method=K4, ft=FtConfig(replica_id=1)).to_dict()) != ident
+    assert identity(TrainConfig(workers=3, steps=9, method=K4, ft=FtConfig(replica_id=2)).to_dict()) != ident
 
 
 def test_identity_of_a_config_without_ft_is_the_config():
-    cfg = TrainConfig(workers=2, steps=8).to_dict()
+    cfg = TrainConfig(workers=2, steps=8, method=K4).to_dict()
     assert identity(cfg) == cfg
     older = dict(cfg)
     del older["ft"]  # a config.json from before --ft
@@ -403,7 +399,7 @@ def test_ft_flags_reach_the_ft_config(cache):
 
 # ------------------------------------------------------------------ 4. a restarted worker (train._check_run_dir)
 def ft_cfg(replica_id: int = 0, steps: int = 8, **connection) -> TrainConfig:
-    return TrainConfig(workers=2, steps=steps, ft=FtConfig(replica_id=replica_id, **connection))
+    return TrainConfig(workers=2, steps=steps, method=K4, ft=FtConfig(replica_id=replica_id, **connection))
 
 
 def ft_run_dir(tmp_path: Path, cfg: TrainConfig) -> RunDir:
@@ -452,17 +448,17 @@ def test_restarted_worker_must_keep_its_run_settings(changed, fragment, tmp_path
 def test_a_run_without_ft_still_compares_every_setting(tmp_path, cache):
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    run.start_fresh(TrainConfig(workers=2, steps=8).to_dict())
+    run.start_fresh(TrainConfig(workers=2, steps=8, method=K4).to_dict())
     with pytest.raises(CheckpointMismatchError, match="steps: 8 -> 16"):
-        _check_run_dir(run, TrainConfig(workers=2, steps=16), "sim")
+        _check_run_dir(run, TrainConfig(workers=2, steps=16, method=K4), "sim")
 
 
 # ------------------------------------------------------------------ 5. desloc train --ft --resume (CLI)
-FT_JOB = ["train", "--ft", "--replica-id", "0", "--workers", "2", "--steps", "8"]
+FT_JOB = ["train", "--ft", "--replica-id", "0", "--workers", "2", "--steps", "8", "--kx", "4"]
 
 
 def make_ft_job(tmp_path: Path, *flags: str) -> Path:
-    """``D/replica0/config.json`` as ``desloc train --ft --replica-id 0 --workers 2 --steps 8 --out D *flags``
+    """``D/replica0/config.json`` as ``desloc train --ft --replica-id 0 --workers 2 --steps 8 --kx 4 --out D *flags``
     writes it; returns D."""
     job = tmp_path / "D"
     args = cli.build_parser().parse_args([*FT_JOB, "--out", str(job), *flags])

@@ -165,3 +165,20 @@ def test_state_names_are_required_and_checked():
     with pytest.raises(ConfigError, match=r"\['exp_avg_sq'\] are not declared; add them to state_names"):
         make(state_names=["exp_avg"]).step()
     make(state_names=["exp_avg", "exp_avg_sq"]).step()
+
+
+def test_a_step_where_every_worker_waits_is_logged(tmp_path, token_cache, no_plots, capsys):
+    """Every H_i < H: in the last steps of a round no worker computes, so the step has no training
+    loss (null in metrics.jsonl). Logging and the progress line used to crash formatting it."""
+    import json
+
+    from _cli_helpers import TINY, without
+    from desloc.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", *without(TINY, "--kx", "--log-every"), "--method", "gasloc", "--kx", "4", "--local-steps", "2,2",
+            "--log-every", "1", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["train_loss"] is None] == [3, 4]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

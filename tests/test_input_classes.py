@@ -29,11 +29,7 @@ from desloc.records import RunDir, writing
 from desloc.timing import TimeConfig, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli_helpers import TORCHRUN_VARS, error_line
-
-TINY = ["--workers", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--kx", "2", "--eval-every", "2",
-        "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2", "--tokenizer", "byte", "--set", "n_layer=1",
-        "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
+from _cli_helpers import TINY, error_line
 
 
 class Accepted(Exception):
@@ -41,12 +37,8 @@ class Accepted(Exception):
 
 
 @pytest.fixture
-def stubbed(tmp_path, monkeypatch):
+def stubbed(tmp_path, cache, monkeypatch):
     """Every subcommand's work replaced by :class:`Accepted`; an empty data cache (no data is read)."""
-    monkeypatch.setenv("DESLOC_CACHE", str(tmp_path / "cache"))
-    for k in TORCHRUN_VARS:
-        monkeypatch.delenv(k, raising=False)
-
     def accept(*a, **k):
         raise Accepted
 
@@ -170,15 +162,6 @@ def test_writing_names_the_file(tmp_path, monkeypatch):
         raise desloc.errors.DivergenceError("loss is nan", 3)
 
 
-@pytest.fixture
-def data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DESLOC_CACHE", str(tmp_path_factory.getbasetemp() / "classes-cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for k in TORCHRUN_VARS:
-        monkeypatch.delenv(k, raising=False)
-    torch.set_num_threads(1)
-
-
 def _to_dev_full(monkeypatch) -> None:
     """torch.save really fails: its serializer writes to /dev/full (ENOSPC from the kernel) and raises
     its own RuntimeError, as on a full disk."""
@@ -188,7 +171,7 @@ def _to_dev_full(monkeypatch) -> None:
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 @pytest.mark.parametrize("disk_full", [True, False])
-def test_a_checkpoint_write_that_fails_is_one_line(disk_full, tmp_path, data_cache, capsys, monkeypatch):
+def test_a_checkpoint_write_that_fails_is_one_line(disk_full, tmp_path, token_cache, capsys, monkeypatch):
     _to_dev_full(monkeypatch)
     if disk_full:
         monkeypatch.setattr(desloc.records.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))
@@ -216,7 +199,7 @@ def test_a_plot_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys
 
 
 # ----------------------------------------------------------------------------- records read back
-def test_compare_recomputes_a_run_whose_summary_is_truncated(tmp_path, data_cache, capsys):
+def test_compare_recomputes_a_run_whose_summary_is_truncated(tmp_path, token_cache, capsys):
     argv = ["compare", *TINY, "--methods", "ddp", "--out", str(tmp_path)]
     assert main(argv) == 0
     summary = tmp_path / "ddp-s0" / "summary.json"
@@ -233,7 +216,7 @@ def test_compare_recomputes_a_run_whose_summary_is_truncated(tmp_path, data_cach
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no-loss", "a list"])
-def test_resume_of_a_finished_run_with_a_bad_summary_is_refused(damage, tmp_path, data_cache, capsys):
+def test_resume_of_a_finished_run_with_a_bad_summary_is_refused(damage, tmp_path, token_cache, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
     f = out / "summary.json"

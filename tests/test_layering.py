@@ -19,7 +19,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "desloc"
 # Modules allowed to import torch.distributed. A launcher under desloc/comm/ would be added here.
-ALLOWED = {"desloc.comm.torch_dist", "desloc.comm.mesh"}  # mesh: the 2-D mesh, FSDP2 and DCP of --shard
+ALLOWED = {"desloc.comm.torch_dist", "desloc.comm.mesh", "desloc.comm.fsdp", "desloc.comm.dcp"}  # --shard: mesh, FSDP2, DCP
 FORBIDDEN = "torch.distributed"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -182,11 +181,6 @@ SMALL = ["--workers", "2", "--steps", "12", "--batch-size", "2", "--seq-len", "3
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return dict(os.environ, DESLOC_CACHE=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
 def straight(tmp_path_factory, env):
     out = tmp_path_factory.mktemp("events") / "run"
     proc = desloc(["train", *SMALL, "--out", str(out)], env)
@@ -219,11 +213,10 @@ TINY = ["--steps", "12", "--batch-size", "2", "--seq-len", "16", "--kx", "3", "-
     ("desloc+nesterov", 5, "4:add=1,8:drop=3", 3),
     ("diloco", 5, "4:drop=2,8:add=3", 6),
 ])
-def test_a_run_with_an_outer_optimizer_takes_joiners(method, workers, events, final, tmp_path, env, monkeypatch):
+def test_a_run_with_an_outer_optimizer_takes_joiners(method, workers, events, final, tmp_path, token_cache):
     """Issue 18 item 2 end to end: the next outer step used to refuse a joiner of M = 3 or 5 workers."""
     from desloc.cli import main
 
-    monkeypatch.setenv("DESLOC_CACHE", env["DESLOC_CACHE"])
     outer = ["--method", "desloc", "--outer", "nesterov"] if method == "desloc+nesterov" else ["--method", method]
     out = tmp_path / "run"
     assert main(["train", *outer, "--outer-momentum", "0.9", "--workers", str(workers), "--events", events, *TINY,

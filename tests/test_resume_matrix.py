@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 import torch
 
-from desloc import loop
 from desloc.algorithms import MethodConfig
 from desloc.data import DataConfig
 from desloc.records import RunDir
@@ -45,6 +44,8 @@ STEPS = 12
 SUMMARY_NUMBERS = ("workers_final", "steps", "tokens", "final_val_loss", "bytes_sent", "bytes_by_state",
                    "ddp_equivalent_bytes", "modeled_time_s", "compute_only_time_s")
 
+pytestmark = pytest.mark.usefixtures("token_cache", "no_plots")  # one token cache; no matplotlib (slow)
+
 
 def _config(events: str, join: str, delay: int) -> TrainConfig:
     method = MethodConfig("desloc", period_x=3, period_u=2, period_v=4, outer="nesterov", outer_momentum=0.9,
@@ -53,14 +54,6 @@ def _config(events: str, join: str, delay: int) -> TrainConfig:
                        eval_batches=1, log_every=4, ckpt_every=4, data=DataConfig(tokenizer="byte"),
                        model_overrides=dict(n_layer=1, n_embd=16, n_head=2, block_size=16), events=events,
                        join_states=join)
-
-
-@pytest.fixture(autouse=True)
-def quiet_and_cached(tmp_path_factory, monkeypatch):
-    """One token cache for the module; no loss plots (matplotlib would dominate the run time)."""
-    monkeypatch.setenv("DESLOC_CACHE", str(tmp_path_factory.getbasetemp() / "resume_matrix_cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(loop, "plot_run", lambda *args, **kwargs: None)
 
 
 def _assert_equal(a: Any, b: Any, where: str) -> None:

@@ -20,16 +20,15 @@ import torch
 from desloc.cli import main
 from desloc.records import RunDir, atomic_write_json, dumps
 
+from _runs import cli_env
+
 TINY = ["--workers", "2", "--steps", "8", "--batch-size", "2", "--seq-len", "16", "--kx", "2",
         "--eval-every", "4", "--eval-batches", "1", "--log-every", "1", "--ckpt-every", "2",
         "--tokenizer", "byte", "--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2",
         "--set", "block_size=16"]
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DESLOC_CACHE", str(tmp_path_factory.getbasetemp() / "desloc-cache"))
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("token_cache")
 
 
 def run(*args):
@@ -50,10 +49,10 @@ def strip(rows):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, token_cache_dir):
     """An uninterrupted 8-step run: the reference every resumed run must equal bit for bit."""
-    os.environ["DESLOC_CACHE"] = str(tmp_path_factory.getbasetemp() / "desloc-cache")
-    torch.set_num_threads(1)  # module fixtures run before the autouse one
+    os.environ["DESLOC_CACHE"] = str(token_cache_dir)
+    torch.set_num_threads(1)  # module fixtures run before token_cache
     out = tmp_path_factory.mktemp("straight") / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
     return out
@@ -286,7 +285,7 @@ def _wait_for_rows(out, n, proc, timeout=120):
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_finishes_the_step_checkpoints_and_resumes_bitwise(signum, code, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cli_env()
     long = list(TINY)
     long[long.index("--steps") + 1] = "300"
     long[long.index("--ckpt-every") + 1] = "1000"
@@ -309,7 +308,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_bitwise(signum, code, 
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cli_env()
     long = list(TINY)
     long[long.index("--steps") + 1] = "400"
     long[long.index("--ckpt-every") + 1] = "1000"

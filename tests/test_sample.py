@@ -9,36 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from desloc import loop
 from desloc.data import DataConfig
 from desloc.errors import ConfigError
 from desloc.records import RunDir
 from desloc.sample import sample
+from desloc.algorithms import MethodConfig
 from desloc.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli_helpers import TORCHRUN_VARS, error_line  # noqa: E402
+from _cli_helpers import error_line  # noqa: E402
 
 EVENTS = {"grew": (2, "3:add=1", 3), "shrank": (3, "3:drop=1", 2)}  # workers at the start, events, at the end
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def env(cache, monkeypatch):
-    monkeypatch.setenv("DESLOC_CACHE", str(cache))
-    monkeypatch.setattr(loop, "plot_run", lambda *args, **kwargs: None)  # no matplotlib: faster
-    for k in TORCHRUN_VARS:
-        monkeypatch.delenv(k, raising=False)
+pytestmark = pytest.mark.usefixtures("token_cache", "no_plots")
 
 
 def _run(tmp_path: Path, name: str) -> Path:
     """A 4-step simulator run whose ``--events`` are ``EVENTS[name]``."""
     workers, events, _ = EVENTS[name]
-    cfg = TrainConfig(workers=workers, steps=4, batch_size=2, seq_len=16, eval_every=4, eval_batches=1,
+    cfg = TrainConfig(workers=workers, steps=4, method=MethodConfig("desloc", period_x=4), batch_size=2, seq_len=16,
+                      eval_every=4, eval_batches=1,
                       log_every=2, ckpt_every=2, data=DataConfig(tokenizer="byte"), events=events,
                       model_overrides=dict(n_layer=1, n_embd=16, n_head=2, block_size=16))
     train(cfg, tmp_path / "run", progress=False)

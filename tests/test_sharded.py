@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _cli_helpers import TORCHRUN_VARS, error_line
+from _cli_helpers import error_line
 from _dist_workload import spawn_ranks
+from _runs import cli_env
 
 import _sharded_workload as work
 
@@ -98,17 +98,10 @@ COMMON = ["--model", "tiny", "--set", "n_layer=2", "--set", "n_embd=64", "--set"
           "--log-every", "2", "--eval-every", "6", "--eval-batches", "2", "--ckpt-every", "4", "--lr", "3e-3"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
-    for key in TORCHRUN_VARS:
-        env.pop(key, None)
-    return env
-
-
 def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "desloc", "train", *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=cli_env(PYTHONPATH=str(SRC)), capture_output=True, text=True, timeout=timeout)
 
 
 def _why(proc: subprocess.CompletedProcess) -> str:
@@ -186,7 +179,7 @@ def test_cli_shard_resume_is_bitwise(cli_runs):
 
 def test_sample_from_a_sharded_run(cli_runs):
     """`desloc sample` gathers a replica group's DCP checkpoint into whole tensors, in one process."""
-    from desloc.comm.mesh import load_sharded_offline
+    from desloc.comm.dcp import load_sharded_offline
     from desloc.records import RunDir
     from desloc.sample import sample
 

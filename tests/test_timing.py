@@ -13,6 +13,8 @@ from desloc.optim import InnerConfig
 from desloc.timing import (PROFILES, NetworkProfile, TimeConfig, TimeModel, VirtualClock, auto_local_steps,
                            flops_step_time)
 
+pytestmark = pytest.mark.usefixtures("token_cache")
+
 NET = NetworkProfile("test", bandwidth_bps=8e6, latency_s=0.01)  # 1 MB/s, 10 ms
 
 
@@ -127,11 +129,6 @@ TINY = ["--workers", "4", "--steps", "12", "--batch-size", "2", "--seq-len", "16
         "--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16"]
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DESLOC_CACHE", str(tmp_path_factory.getbasetemp() / "desloc-cache"))
-
-
 def test_train_reports_modeled_time_independent_of_the_machine(tmp_path):
     """desloc K_x = 3 (K_u 9, K_v 18), step time 0.5 s, ethernet: the modeled time is the formula's,
     whatever this machine's speed; the straggler's run takes longer; records carry the time."""
@@ -183,11 +180,9 @@ def test_bad_time_inputs_are_one_line(args, fragment, tmp_path, capsys):
 def test_idle_gasloc_workers_compute_nothing_and_engines_agree(tmp_path):
     """torchrun ranks that sit out skip forward, backward and the inner step; the result and the
     modeled time equal the simulator's, bit for bit."""
-    import os
+    from _runs import assert_same, cli_env, desloc, final_state
 
-    from _runs import assert_same, desloc, final_state
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cli_env()
     args = ["train", "--workers", "2", "--steps", "8", "--batch-size", "2", "--seq-len", "16", "--eval-every", "4",
             "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "8", "--tokenizer", "byte",
             "--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2", "--set", "block_size=16",

@@ -1,7 +1,6 @@
 """`desloc train` end to end: records, both engines, resume, crash-safe checkpoints, bad input."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -25,21 +24,8 @@ SUMMARY_FIELDS = {"method", "workers", "steps", "tokens", "final_val_loss", "fin
                   "bytes_by_state", "ddp_equivalent_bytes", "ratio_vs_ddp", "wall_time_s"}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    e = dict(os.environ, DESLOC_CACHE=str(cache), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return e
-
-
-
-
 def rows(run):
     return [r for r in RunDir(run).read_metrics()]
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +93,11 @@ def test_resume_refuses_changed_settings(sim_run, env):
 
 
 def _cfg(**kw):
+    from desloc.algorithms import MethodConfig
+
     base = dict(workers=2, steps=10, batch_size=2, seq_len=32, eval_every=5, eval_batches=1, log_every=5,
-                ckpt_every=4, model_overrides=dict(n_layer=1, n_embd=32, n_head=2, block_size=32))
+                ckpt_every=4, model_overrides=dict(n_layer=1, n_embd=32, n_head=2, block_size=32),
+                method=MethodConfig("desloc", period_x=4))  # K_x <= steps (TrainConfig refuses a run never averaged)
     base.update(kw)
     from desloc.data import DataConfig
 
@@ -116,8 +105,7 @@ def _cfg(**kw):
                                   "data": DataConfig(tokenizer="byte").__dict__})
 
 
-def test_interrupted_checkpoint_write_keeps_previous(tmp_path, env, monkeypatch):
-    monkeypatch.setenv("DESLOC_CACHE", env["DESLOC_CACHE"])
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, token_cache, monkeypatch):
     cfg = _cfg()
     reference = train(cfg, tmp_path / "straight", progress=False)
     import desloc.records as records
@@ -143,8 +131,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, env, monkeypatch)
     assert_same(final_state(tmp_path / "straight"), final_state(run.path))
 
 
-def test_checkpoint_from_other_config_is_rejected(tmp_path, env, monkeypatch):
-    monkeypatch.setenv("DESLOC_CACHE", env["DESLOC_CACHE"])
+def test_checkpoint_from_other_config_is_rejected(tmp_path, token_cache):
     train(_cfg(steps=4), tmp_path / "a", progress=False)
     with pytest.raises(CheckpointMismatchError, match="different settings"):
         train(_cfg(steps=4, seed=1), tmp_path / "a", resume=True, progress=False)
@@ -190,8 +177,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, env):
     assert "| ddp |" in proc.stdout
 
 
-def test_bf16_autocast_trains(tmp_path, env, monkeypatch):
-    monkeypatch.setenv("DESLOC_CACHE", env["DESLOC_CACHE"])
+def test_bf16_autocast_trains(tmp_path, token_cache):
     import math
 
     summary = train(_cfg(steps=4, bf16=True), tmp_path / "bf16", progress=False)

@@ -32,7 +32,7 @@ M = 2
 def _cli_config(*argv: str):
     from desloc.cli import _train_config, build_parser
 
-    return _train_config(build_parser().parse_args(["train", *argv]))
+    return _train_config(build_parser().parse_args(["train", "--steps", "1000", *argv]))  # K_x <= steps
 
 
 @pytest.mark.parametrize("argv, mu", [

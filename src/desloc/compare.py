@@ -59,6 +59,14 @@ def _num(value: float | None, unit: str = "") -> str:
     return "-" if value is None else f"{value:.4g}{unit}"
 
 
+def _syncs_every_step(method: str) -> bool:
+    """Whether ``method`` (``name[+outer][@topology]``) all-reduces every step, as DDP (its spec)."""
+    from desloc.algorithms import METHODS
+
+    spec = METHODS.get(method.split("@")[0].split("+")[0])
+    return spec is not None and not spec.syncs_params
+
+
 def markdown_table(table: dict[str, Any], reference: str | None = None) -> str:
     ref = table.get(reference) if reference else None
     lines = ["| method | periods (x, u, v) | final val loss (mean ± std) | val ppl | vs ref | bytes sent / worker "
@@ -66,9 +74,10 @@ def markdown_table(table: dict[str, Any], reference: str | None = None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in table.items():
         p = r["periods"]
-        periods = "every step" if name == "ddp" else f"{p['x']}, {p['u'] or '-'}, {p['v'] or '-'}"
+        every_step = _syncs_every_step(name)
+        periods = "every step" if every_step else f"{p['x']}, {p['u'] or '-'}, {p['v'] or '-'}"
         rel = (f"{100 * (r['final_val_loss_mean'] / ref['final_val_loss_mean'] - 1):+.2f}%" if ref else "")
-        ratio = "1x" if name == "ddp" else f"{r['ratio_vs_ddp']:.2f}x"
+        ratio = "1x" if every_step else f"{r['ratio_vs_ddp']:.2f}x"
         lines.append(f"| {name} | {periods} | {r['final_val_loss_mean']:.4f} ± {r['final_val_loss_std']:.4f} | "
                      f"{r['final_val_ppl_mean']:.2f} | {rel} | {r['bytes_sent']:,} | {ratio} | "
                      f"{_num(r.get('modeled_time_s_mean'))} | {_num(r.get('speedup_vs_ddp_modeled'), 'x')} | "

@@ -1,7 +1,9 @@
 """The training loop of ``desloc train``, in four parts: build, restore, step, log.
 
 :func:`run_loop` is called by :func:`desloc.train.train` once the run directory is settled. One
-loop serves both engines (:mod:`desloc.workers`). Per step a worker only computes: forward and
+loop serves every engine (:mod:`desloc.runtime`): it asks the engine where the workers live, which
+process writes the records and where checkpoints go, and torchft's rounds take part through the
+engine's hooks. Per step a worker only computes: forward and
 backward on its own batch, then the method's optimizer step (which communicates when the
 method's schedule says so). Everything else that would make real workers wait for each other
 happens only at logging and checkpoint steps, in one small all-reduce (``mean_over_workers``):
@@ -24,12 +26,15 @@ from typing import Any
 import torch
 
 from desloc.algorithms import build_method
-from desloc.timing import TimeModel, VirtualClock, auto_local_steps
+from desloc.comm.base import Communicator
+from desloc.config import TrainConfig
 from desloc.data import Corpus, WorkerStreams
 from desloc.errors import CheckpointMismatchError, DivergenceError, Interrupted
 from desloc.model import GPT
 from desloc.records import RunDir, plot_run
-from desloc.workers import FtWorkers, ProcessWorkers, ShardedWorkers, SimWorkers
+from desloc.runtime import Engine, Session, checkpoint_state, engine_for, load_state
+from desloc.timing import VirtualClock, auto_local_steps
+from desloc.workers import StepStats
 
 
 class StopOnSignal:
@@ -60,78 +65,22 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-@dataclass
-class Session:
-    """Everything one run holds while it trains."""
-
-    cfg: Any  # TrainConfig
-    run: RunDir
-    backend: str
-    device: str
-    corpus: Corpus
-    streams: WorkerStreams
-    val_batches: list
-    workers: SimWorkers | ProcessWorkers
-    opt: Any  # SyncedOptimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    n_params: int
-    time_model: TimeModel
-    clock: VirtualClock
-    ft: Any = None  # desloc.ft.FtRuntime under --ft
-    join_source: dict[str, Any] | None = None  # --join-states checkpoint: desloc.membership.join_source
-
-    @property
-    def ckpt_rank(self) -> int:
-        """This process's checkpoint file: one per run directory in the simulator and under --ft,
-        one per process under torchrun (with --shard: per process, the global rank)."""
-        if self.backend in ("sim", "torchft"):
-            return 0
-        return getattr(self.workers, "global_rank", self.rank)
-
-    @property
-    def ckpt_ranks(self) -> int:
-        if self.backend in ("sim", "torchft"):
-            return 1
-        return self.workers.world_size * self.shards
-
-    @property
-    def shards(self) -> int:
-        """Processes per worker (--shard; 1 unless the worker is a sharded replica group)."""
-        return getattr(self.workers, "shards", 1)
-
-    @property
-    def device_type(self) -> str:
-        return self.device.split(":")[0]
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens of one step of the live workers."""
-        return self.workers.world_size * self.cfg.batch_size * self.cfg.context
-
-    def tokens_through(self, done: int) -> int:
-        """Tokens of steps 1 .. ``done`` (membership events change the workers per step)."""
-        from desloc.membership import parse_events, worker_steps
-
-        return worker_steps(self.cfg.workers, parse_events(self.cfg.events), done) * self.cfg.batch_size * self.cfg.context
-
-    @property
-    def rank(self) -> int:
-        return self.workers.local_workers[0] if self.backend != "sim" else 0
-
-
 # ------------------------------------------------------------------------------------- build
-def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | None = None,
-          corpus: Corpus | None = None, ft=None) -> Session:
-    """Data, model, workers, the method's optimizer and the LR schedule, on either engine.
-    ``world_size``: the simulator's live workers when membership events changed them; ``ft``: the
-    torchft runtime (``--ft``), whose communicator is ``comm``."""
-
+def build(cfg: TrainConfig, run: RunDir, engine: Engine | str, device: str | None = None,
+          comm: Communicator | None = None, *, world_size: int | None = None, corpus: Corpus | None = None) -> Session:
+    """Data, model, workers, the method's optimizer and the LR schedule, on ``engine``.
+    ``world_size``: the simulator's live workers when membership events changed them. ``engine``
+    may also be a backend name with a device and the communicator to wrap
+    (:func:`desloc.runtime.engine_for`), as the single-process references of tests/test_ft.py build
+    torchft workers."""
+    if isinstance(engine, str):
+        engine = engine_for(engine, device, comm)
     m = cfg.workers if world_size is None else world_size
-    corpus = corpus if corpus is not None else _prepare_corpus(cfg, comm if ft is None else None)
+    corpus = corpus if corpus is not None else engine.prepare_corpus(cfg.data)
     torch.manual_seed(cfg.seed)
     streams = WorkerStreams(corpus, cfg.data, m, cfg.context, cfg.batch_size, cfg.seed)
     val_batches = streams.val_batches(cfg.eval_batches)  # both check the text's size: before allocating
-    model = GPT(cfg.model_config(corpus.vocab_size)).to(device)  # same seed -> same init everywhere
+    model = GPT(cfg.model_config(corpus.vocab_size)).to(engine.device)  # same seed -> same init everywhere
     n_params = sum(p.numel() for p in model.parameters())
     time_model = cfg.time.model(m, n_params, cfg.batch_size * cfg.context)
     method = cfg.method
@@ -139,39 +88,18 @@ def build(cfg, run: RunDir, backend: str, device: str, comm, world_size: int | N
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         method = dataclasses.replace(method, local_steps=auto_local_steps(time_model, method.period_x,
                                                                           param_bytes, method.topology))
-    if comm is None:
-        workers = SimWorkers(model, m)
-    elif getattr(comm, "mesh", None) is not None:  # --shard: a worker is an FSDP2 replica group
-        from desloc.comm.mesh import shard_model
-
-        workers = ShardedWorkers(shard_model(model, comm.mesh), comm)
-    else:
-        workers = ProcessWorkers(model, comm) if ft is None else FtWorkers(model, comm)
+    workers = engine.make_workers(model, m)
     inner = cfg.inner.build(workers.parameters())
     opt = build_method(method, inner, workers.comm, cfg.inner.state_roles())
     clock = VirtualClock(time_model)
     workers.comm.add_listener(clock)  # the clock hears every call the ledger counts
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    session = Session(cfg, run, backend, device, corpus, streams, val_batches, workers, opt, sched, n_params,
-                      time_model, clock, ft)
-    if ft is not None:
-        ft.attach(session)
+    session = Session(cfg, run, engine, corpus, streams, val_batches, workers, opt, sched, n_params, time_model, clock)
+    engine.attach(session)
     return session
 
 
-def _prepare_corpus(cfg, comm) -> Corpus:
-    """Rank 0 builds the tokenizer and token cache; the other ranks then load it. (Under --ft each
-    worker prepares it itself: the cache is written atomically.)"""
-    first = comm is None or getattr(comm, "global_rank", comm.rank) == 0
-    if not first:
-        comm.barrier()
-    corpus = Corpus.prepare(cfg.data, progress=False)
-    if comm is not None and first:
-        comm.barrier()
-    return corpus
-
-
-def lr_factor(cfg, step: int) -> float:
+def lr_factor(cfg: TrainConfig, step: int) -> float:
     """Multiplier of the base lr at ``step`` (0-based): linear warmup, then the schedule."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -210,13 +138,13 @@ def apply_membership(s: Session, done: int) -> Session:
 
             warnings.warn(f"--join-states checkpoint: no checkpoint of the --ckpt-every {s.cfg.ckpt_every} schedule "
                           f"before step {done}; the joining workers get the current averaged states", DeslocWarning)
-    ns = build(s.cfg, s.run, s.backend, s.device, None, world_size=new, corpus=s.corpus)
+    ns = build(s.cfg, s.run, s.engine, world_size=new, corpus=s.corpus)
     ns.join_source = s.join_source
     ns.workers.load_model_state(resize_tree(s.workers.model_state(), old, new))
     ns.opt.load_state_dict(resize_optimizer_state(s.opt.state_dict(), old, new, s.cfg.join_states, checkpoint_means))
     ns.sched.load_state_dict(s.sched.state_dict())
     ns.clock.load_state_dict(resize_clock_state(s.clock.state_dict(), old, new))
-    if ns.workers.is_main:
+    if ns.engine.is_main:
         print(f"[{s.cfg.method.name}] step {done}: {old} -> {new} workers", file=sys.stderr, flush=True)
     return ns
 
@@ -225,15 +153,10 @@ def apply_membership(s: Session, done: int) -> Session:
 def restore(s: Session, start_step: int | None) -> tuple[int, float]:
     """Load the checkpoint of ``start_step`` (None: a fresh start). Returns (step, elapsed seconds)."""
     if start_step is None:
-        if s.workers.is_main and s.run.read_metrics():
+        if s.engine.is_main and s.run.read_metrics():
             s.run.truncate_metrics(0)  # --resume of a run that crashed before its first checkpoint
         return 0, 0.0
-    ckpt = s.run.load_checkpoint(s.ckpt_rank, start_step)
-    if s.shards > 1:  # the replica group's tensors are in its DCP checkpoint
-        from desloc.comm.mesh import load_sharded
-
-        ckpt = load_sharded(ckpt, s.run.checkpoint_file(start_step, s.ckpt_rank).parent / f"replica{s.rank}",
-                            s.workers.mesh, s.device)
+    ckpt = s.engine.load_checkpoint(s.run, start_step)
     if ckpt["data_fingerprint"] != s.corpus.fingerprint:
         raise CheckpointMismatchError("checkpoint was trained on different data or tokenizer "
                                       f"({ckpt['data_fingerprint']} vs {s.corpus.fingerprint})")
@@ -242,60 +165,13 @@ def restore(s: Session, start_step: int | None) -> tuple[int, float]:
         from desloc.membership import join_source
 
         s.join_source = join_source(s.cfg, ckpt["step"], ckpt["optimizer"], ckpt.get("join_source"))
-    if s.workers.is_main:
+    if s.engine.is_main:
         s.run.truncate_metrics(ckpt["step"])
     return ckpt["step"], ckpt["elapsed_s"]
 
 
-def load_state(s: Session, ckpt: dict[str, Any]) -> None:
-    """Model, optimizer (states, step, ledger, outer state), LR schedule and clock from a checkpoint
-    (or, under --ft, from a peer: the same dict)."""
-    s.workers.load_model_state(ckpt["model"])
-    optimizer = ckpt["optimizer"]
-    if s.backend == "torchft":  # the participants change from round to round
-        optimizer = {**optimizer, "desloc": {**optimizer["desloc"], "world_size": s.workers.comm.world_size}}
-    s.opt.load_state_dict(optimizer)
-    s.sched.load_state_dict(ckpt["scheduler"])
-    if "clock" in ckpt:
-        s.clock.load_state_dict(ckpt["clock"])
-    if "process_ledger" in ckpt:
-        s.workers.comm.process_ledger.load_state_dict(ckpt["process_ledger"])
-    if "torchft" in ckpt and s.ft is not None and s.ft.healed is None:
-        s.ft.manager.load_state_dict(ckpt["torchft"])  # own checkpoint: rounds committed so far
-
-
-def checkpoint_state(s: Session, step: int, elapsed: float) -> dict[str, Any]:
-    """Everything a run needs to continue after ``step`` (a checkpoint; under --ft, what a peer gets)."""
-    state = {"step": step, "elapsed_s": elapsed, "data_fingerprint": s.corpus.fingerprint,
-             "model": s.workers.model_state(), "optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(),
-             "clock": s.clock.state_dict()}
-    if s.ft is not None:
-        state["torchft"] = s.ft.manager.state_dict()
-    if s.cfg.events:  # what --join-states checkpoint joiners get, also after a resume from here
-        from desloc.membership import join_source
-
-        s.join_source = join_source(s.cfg, step, state["optimizer"], s.join_source)
-        if s.join_source is not None:
-            state["join_source"] = s.join_source
-    if hasattr(s.workers.comm, "process_ledger"):  # --shard: what this process sent (its shards)
-        state["process_ledger"] = s.workers.comm.process_ledger.state_dict()
-    return state
-
-
 def checkpoint(s: Session, step: int, elapsed: float) -> None:
-    state = checkpoint_state(s, step, elapsed)
-    if s.shards > 1:  # DCP, one checkpoint per replica group; this process keeps the rest
-        from desloc.comm.mesh import save_sharded
-        from desloc.records import writing
-
-        where = s.run.checkpoint_file(step, s.ckpt_rank).parent / f"replica{s.rank}"
-        with writing(where, serializer=False):  # a failed write names the directory (records.writing)
-            state = save_sharded(state, where, s.workers.mesh)
-    s.run.save_checkpoint(step, s.ckpt_rank, state)
-    if s.backend not in ("sim", "torchft"):
-        s.workers.comm.barrier()
-    if s.workers.is_main:
-        s.run.publish_checkpoint(step, ranks=s.ckpt_ranks)
+    s.engine.save_checkpoint(s.run, step, checkpoint_state(s, step, elapsed))
 
 
 # -------------------------------------------------------------------------------------- step
@@ -325,7 +201,7 @@ def state_is_finite(s: Session) -> bool:
     s.opt.wait_for_syncs()  # states in flight (overlapped syncs) are read only once they have landed
     tensors = list(s.opt.params) + [v for st in s.opt.inner.state.values() for v in st.values()
                                     if torch.is_tensor(v) and v.is_floating_point()]
-    part = getattr(s.workers, "local", lambda t: t)  # a sharded worker checks its own shards
+    part = s.workers.local_part  # a sharded worker checks its own shards
     bad = float(not all(bool(torch.isfinite(part(t)).all()) for t in tensors))
     return s.workers.mean_over_workers({"bad": [bad]})["bad"] == 0
 
@@ -333,7 +209,7 @@ def state_is_finite(s: Session) -> bool:
 def diverged(s: Session, step: int, what: str, last_ckpt: int) -> None:
     """Record the divergence (summary.json, status "diverged") and stop with DivergenceError."""
     cfg = s.cfg
-    if s.workers.is_main:
+    if s.engine.is_main:
         s.run.write_summary({"status": "diverged", "diverged_at_step": step, "reason": what,
                              "method": cfg.method.name, "workers": cfg.workers, "steps": cfg.steps,
                              "last_checkpoint_step": last_ckpt if last_ckpt > 0 else None, "seed": cfg.seed})
@@ -343,7 +219,7 @@ def diverged(s: Session, step: int, what: str, last_ckpt: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- log
-def log_row(s: Session, done: int, stats, active: list[bool], lr: float, val: list[float] | None,
+def log_row(s: Session, done: int, stats: StepStats, active: list[bool], lr: float, val: list[float] | None,
             health: Health, stop: StopOnSignal, elapsed: float) -> tuple[dict[str, Any], dict[str, float]]:
     """The metrics row of step ``done`` and the agreed control values, from one averaging.
     Training loss and gradient norm are means over the workers that computed this step."""
@@ -373,7 +249,7 @@ def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> d
         "status": "complete" if steps == cfg.steps else "partial",
         "method": cfg.method.name, "inner": cfg.inner.name, "workers": cfg.workers,
         "workers_final": s.workers.world_size, "steps": steps,
-        "backend": s.backend, "model": cfg.model, "params": s.n_params, "tokens": s.tokens_through(steps),
+        "backend": s.engine.name, "model": cfg.model, "params": s.n_params, "tokens": s.tokens_through(steps),
         "final_val_loss": val_loss, "final_val_ppl": math.exp(val_loss) if val_loss is not None else None,
         "bytes_sent": comm["bytes_sent"], "bytes_by_state": comm["bytes_by_state"],
         "ddp_equivalent_bytes": comm["ddp_equivalent_bytes"], "ratio_vs_ddp": comm["ratio_vs_ddp"],
@@ -381,37 +257,10 @@ def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> d
         "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
         **time_summary(s, steps),
         **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
-        **memory_summary(s),
+        **s.engine.memory_summary(s.workers),
         "seed": cfg.seed,
+        **s.engine.summary_extras(),
     }
-
-
-def peak_memory_bytes(device: str) -> int:
-    """This process's peak memory: the CUDA caching allocator's peak on a GPU, else the peak
-    resident set size (Linux ``ru_maxrss``; the whole process: interpreter, torch, data)."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated(torch.device(device)))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def memory_summary(s: Session) -> dict[str, Any]:
-    """Peak memory per process (and, with --shard, what each process sent and the mesh)."""
-    peak = peak_memory_bytes(s.device)
-    out: dict[str, Any] = {"peak_memory_bytes": peak,
-                           "peak_memory_kind": "cuda_max_allocated" if s.device.startswith("cuda") else "max_rss"}
-    if s.backend in ("sim", "torchft"):
-        out["peak_memory_per_process"] = [peak]
-        return out
-    out["peak_memory_per_process"] = [int(v) for v in s.workers.per_process(peak)]
-    if s.shards > 1:
-        ledger = s.workers.comm.process_ledger
-        out["shard"] = {"replica_groups": s.workers.world_size, "shards": s.shards,
-                        "processes": s.workers.world_size * s.shards,
-                        "bytes_sent_per_process": [int(v) for v in s.workers.per_process(ledger.total_bytes)],
-                        "bytes_by_state_this_process": ledger.method_bytes_by_tag}
-    return out
 
 
 class StateDynamics:
@@ -429,7 +278,7 @@ class StateDynamics:
 
     def measure(self, s: Session) -> dict[str, dict[str, float | None]]:
         s.opt.wait_for_syncs()
-        stacked = s.workers.engine == "sim"
+        stacked = s.engine.holds_all_workers
         out = {}
         for name in self.names:
             now = [t.detach().float() for t in self._tensors(s, name)]
@@ -504,120 +353,145 @@ def human_bytes(n: float) -> str:
 
 
 # -------------------------------------------------------------------------------------- loop
+@dataclass
+class _Run:
+    """What :func:`run_loop` keeps from step to step."""
+
+    s: Session
+    stop: StopOnSignal
+    bar: Any  # tqdm
+    show: bool  # the progress bar is shown (else a line every 8 logging steps)
+    title: str  # of the plots
+    start: int  # the step this process started at
+    end: int  # the last step of this call (``stop_after``, or the step a stop was taken at)
+    elapsed_before: float  # seconds of the run before this process
+    t0: float
+    health: Health
+    dynamics: StateDynamics | None
+    last_ckpt: int
+    val_loss: float | None = None
+    stop_signal: int | None = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+
 def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | None, progress: bool | None,
              stop: StopOnSignal) -> dict[str, Any]:
-    cfg, workers = s.cfg, s.workers
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    """Train from step ``start`` to the end (or for ``stop_after`` steps), then write the summary."""
+    cfg = s.cfg
     title = (f"{cfg.method.name} ({cfg.inner.name}), M={cfg.workers}"
-             + (f" x {s.shards} shards" if s.shards > 1 else "") + f", {cfg.model} "
-             f"({s.n_params / 1e6:.2f}M params), {s.backend}")
-    show = workers.is_main and (sys.stderr.isatty() if progress is None else progress)
+             + (f" x {s.engine.shards} shards" if s.engine.shards > 1 else "") + f", {cfg.model} "
+             f"({s.n_params / 1e6:.2f}M params), {s.engine.name}")
+    show = s.engine.is_main and (sys.stderr.isatty() if progress is None else progress)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=cfg.method.name, unit="step")
-    t0 = time.perf_counter()
-    health = Health()
-    dynamics = StateDynamics(s) if cfg.state_dynamics else None
-    val_loss, stop_signal, last_ckpt = None, None, start
-    ft = s.ft
-    step = start
-    if ft is not None:  # join the job; a worker that is behind continues from a peer's step
-        step = ft.start(s, start)
-        last_ckpt = step
-        bar.n = step
-    while step < end:
-        if ft is not None:
-            ft.elapsed = elapsed_before + time.perf_counter() - t0
-            healed_to = ft.before_step(s, step)  # opens the round of a step that syncs
-            if healed_to != step:
-                step, last_ckpt = healed_to, healed_to
-                bar.n = step
-                if step >= end:
-                    break
-        done = step + 1
-        step = done  # ``step`` counts the steps done from here on; this step's index is done - 1
-        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        is_log = done % cfg.log_every == 0 or is_eval
-        sitting_out = s.opt.sitting_out()  # GASLoC's idle workers compute nothing this step
-        active = [m not in sitting_out for m in workers.local_workers]
-        batches = [s.streams.batch(m, done - 1) for m in workers.local_workers]
-        stats = workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=done - 1, measure=is_log,
-                                         idle=sitting_out)
-        health.observe(stats.losses, done, active)
-        s.clock.local_step([w for w in range(workers.world_size) if w not in sitting_out])
-        lr = s.sched.get_last_lr()[0]
-        s.opt.step()
-        if ft is not None and not ft.settle(s):  # the round did not commit: state restored, redo the step
-            step = done - 1
+    r = _Run(s, stop, bar, show, title, start, cfg.steps if stop_after is None else min(cfg.steps, start + stop_after),
+             elapsed_before, time.perf_counter(), Health(), StateDynamics(s) if cfg.state_dynamics else None, start)
+    step = s.engine.start(s, start)  # --ft: join the job; a worker that is behind continues from a peer's step
+    r.last_ckpt = bar.n = step
+    while step < r.end:
+        healed_to = r.s.engine.before_step(r.s, step, r.elapsed())  # --ft: opens the round of a step that syncs
+        if healed_to != step:
+            step = r.last_ckpt = bar.n = healed_to
+            if step >= r.end:
+                break
+        if not _step(r, step + 1):  # --ft: the round did not commit, the state was restored: redo the step
             continue
-        if done == cfg.steps:
-            s.opt.finish_syncs()  # the last delayed parameter average lands before the final evaluation
-        s.sched.step()
-        if is_log:
-            val = workers.evaluate(s.val_batches, s.device_type, cfg.bf16) if is_eval else None
-            elapsed = elapsed_before + time.perf_counter() - t0
-            row, agreed = log_row(s, done, stats, active, lr, val, health, stop, elapsed)
-            if dynamics is not None:
-                row["state_dynamics"] = dynamics.measure(s)
-            if agreed["nonfinite"] > 0:
-                diverged(s, agreed["first_bad"], "the training loss is not finite", last_ckpt)
-            if is_eval:
-                val_loss = row["val_loss"]
-            if agreed["stop"] > 0:
-                stop_signal = stop.signum or signal.SIGTERM
-            if workers.is_main:
-                s.run.append_metrics(row)
-                _report(s, bar, show, row, start, elapsed - elapsed_before, is_eval)
-        elif workers.engine == "sim":
-            stop_signal = stop.signum  # one process: no need to agree
-        if cfg.events and done < cfg.steps:  # workers join or leave from the next step on
-            s = apply_membership(s, done)
-            if s.workers is not workers:
-                workers = s.workers
-                if dynamics is not None:
-                    dynamics.previous = {}
-        bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == end or stop_signal is not None:
-            if not state_is_finite(s):
-                diverged(s, health.first_bad_step() or done, "parameters or optimizer states are not finite",
-                         last_ckpt)
-            checkpoint(s, done, elapsed_before + time.perf_counter() - t0)
-            last_ckpt = done
-        if stop_signal is not None:
-            end = done
+        step += 1
+        if r.stop_signal is not None:
+            r.end = step
             break
     bar.close()
-    if ft is not None and end == cfg.steps and ft.finish(s, end):  # closing round; healed: a peer's final state
-        val_loss = workers.mean_over_workers({"v": workers.evaluate(s.val_batches, s.device_type, cfg.bf16)})["v"]
-        checkpoint(s, end, elapsed_before + time.perf_counter() - t0)
-    elapsed = elapsed_before + time.perf_counter() - t0
-    result = summary(s, end, val_loss, elapsed)
-    if ft is not None:
-        result["ft"] = ft.summary()
-    if workers.is_main:
+    return _finish(r)
+
+
+def _step(r: _Run, done: int) -> bool:
+    """Step ``done`` (its index is ``done - 1``): compute, step the optimizer, log, apply membership
+    events, checkpoint. False if the engine asks for the step to be redone."""
+    s, cfg = r.s, r.s.cfg
+    is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+    is_log = done % cfg.log_every == 0 or is_eval
+    sitting_out = s.opt.sitting_out()  # GASLoC's idle workers compute nothing this step
+    active = [m not in sitting_out for m in s.workers.local_workers]
+    batches = [s.streams.batch(m, done - 1) for m in s.workers.local_workers]
+    stats = s.workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=done - 1,
+                                       measure=is_log, idle=sitting_out)
+    r.health.observe(stats.losses, done, active)
+    s.clock.local_step([w for w in range(s.workers.world_size) if w not in sitting_out])
+    lr = s.sched.get_last_lr()[0]
+    s.opt.step()
+    if not s.engine.settle(s):
+        return False
+    if done == cfg.steps:
+        s.opt.finish_syncs()  # the last delayed parameter average lands before the final evaluation
+    s.sched.step()
+    if is_log:
+        _log(r, done, stats, active, lr, is_eval)
+    elif s.engine.holds_all_workers:
+        r.stop_signal = r.stop.signum  # one process: no need to agree
+    if cfg.events and done < cfg.steps:  # workers join or leave from the next step on
+        r.s = apply_membership(s, done)
+        if r.s is not s and r.dynamics is not None:
+            r.dynamics.previous = {}
+    r.bar.update(1)
+    if done % cfg.ckpt_every == 0 or done == r.end or r.stop_signal is not None:
+        if not state_is_finite(r.s):
+            diverged(r.s, r.health.first_bad_step() or done, "parameters or optimizer states are not finite",
+                     r.last_ckpt)
+        checkpoint(r.s, done, r.elapsed())
+        r.last_ckpt = done
+    return True
+
+
+def _log(r: _Run, done: int, stats: StepStats, active: list[bool], lr: float, is_eval: bool) -> None:
+    """A logging step: evaluate (``is_eval``), agree on the row and on stopping, record the row."""
+    s = r.s
+    val = s.workers.evaluate(s.val_batches, s.device_type, s.cfg.bf16) if is_eval else None
+    elapsed = r.elapsed()
+    row, agreed = log_row(s, done, stats, active, lr, val, r.health, r.stop, elapsed)
+    if r.dynamics is not None:
+        row["state_dynamics"] = r.dynamics.measure(s)
+    if agreed["nonfinite"] > 0:
+        diverged(s, agreed["first_bad"], "the training loss is not finite", r.last_ckpt)
+    if is_eval:
+        r.val_loss = row["val_loss"]
+    if agreed["stop"] > 0:
+        r.stop_signal = r.stop.signum or signal.SIGTERM
+    if s.engine.is_main:
+        s.run.append_metrics(row)
+        _report(s, r.bar, r.show, row, r.start, elapsed - r.elapsed_before, is_eval)
+
+
+def _finish(r: _Run) -> dict[str, Any]:
+    """After the last step of this call: the summary (summary.json once the run is complete), the
+    plots, leaving the job; :class:`Interrupted` if a stop was taken."""
+    s, cfg, end = r.s, r.s.cfg, r.end
+    if end == cfg.steps and s.engine.finish(s, end):  # --ft closing round; healed: a peer's final state
+        r.val_loss = s.workers.mean_over_workers({"v": s.workers.evaluate(s.val_batches, s.device_type, cfg.bf16)})["v"]
+        checkpoint(s, end, r.elapsed())
+    result = summary(s, end, r.val_loss, r.elapsed())
+    if s.engine.is_main:
         if end == cfg.steps:
             s.run.write_summary(result)
-        plot_run(s.run.path, s.run.read_metrics(), title)
-    if ft is not None:
-        ft.shutdown()
-    elif s.backend != "sim":
-        from desloc.comm.torch_dist import shutdown
-
-        workers.comm.barrier()
-        shutdown()
-    if stop_signal is not None:
-        raise Interrupted(f"{signal.Signals(stop_signal).name}: stopped after step {end} of {cfg.steps} and "
+        plot_run(s.run.path, s.run.read_metrics(), r.title)
+    s.engine.shutdown()
+    if r.stop_signal is not None:
+        raise Interrupted(f"{signal.Signals(r.stop_signal).name}: stopped after step {end} of {cfg.steps} and "
                           f"saved a checkpoint; continue with: desloc train --out {s.run.path} --resume",
-                          int(stop_signal), end)
+                          int(r.stop_signal), end)
     return result
 
 
 def _report(s: Session, bar, show: bool, row: dict[str, Any], start: int, elapsed: float, is_eval: bool) -> None:
     cfg, done = s.cfg, row["step"]
-    bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+    idle = row["train_loss"] is None  # no worker computed this step (gasloc: every H_i < H)
+    bar.set_postfix(loss="-" if idle else f"{row['train_loss']:.3f}",
                     tok_s=f"{(done - start) * s.tokens_per_step / max(elapsed, 1e-9):.0f}",
                     sent=human_bytes(row["bytes_sent"]))
     if not show and (done % (cfg.log_every * 8) == 0 or is_eval):
         vl = f" val {row['val_loss']:.4f}" if is_eval else ""
-        print(f"[{cfg.method.name}] step {done}/{cfg.steps} loss {row['train_loss']:.4f}{vl} "
+        loss = "-" if idle else f"{row['train_loss']:.4f}"
+        print(f"[{cfg.method.name}] step {done}/{cfg.steps} loss {loss}{vl} "
               f"sent {human_bytes(row['bytes_sent'])}", file=sys.stderr, flush=True)

@@ -157,10 +157,10 @@ def averaged_states(sd: dict[str, Any]) -> StateMeans:
 def join_source(cfg: Any, step: int, optimizer_sd: dict[str, Any],
                 previous: dict[str, Any] | None) -> dict[str, Any] | None:
     """What ``--join-states checkpoint`` joiners get after the checkpoint of ``step`` of a run of
-    ``cfg`` (a TrainConfig) with optimizer state ``optimizer_sd``, given the ``previous`` source: ``{"step": c, "states": StateMeans}``
-    of the last checkpoint c of the ``--ckpt-every`` schedule (c <= step). A checkpoint off the
-    schedule (a stop) keeps ``previous``. None when no joiner can need it (another policy, or no
-    ``add`` event after ``step``)."""
+    ``cfg`` (a TrainConfig) with optimizer state ``optimizer_sd``, given the ``previous`` source:
+    ``{"step": c, "states": StateMeans}`` of the last checkpoint c of the ``--ckpt-every`` schedule
+    (c <= step). A checkpoint off the schedule (a stop) keeps ``previous``. None when no joiner
+    can need it (another policy, or no ``add`` event after ``step``)."""
     joiners_ahead = any(e.op == "add" and e.step > step for e in parse_events(cfg.events))
     if cfg.join_states != "checkpoint" or not joiners_ahead:
         return None

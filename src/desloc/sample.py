@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from desloc.config import TrainConfig
 from desloc.data import Corpus
 from desloc.errors import ConfigError, check_finite
 from desloc.model import GPT
@@ -14,8 +15,6 @@ from desloc.records import RunDir
 
 def sample(run_dir: str | Path, prompt: str, tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 50, worker: int = 0, seed: int = 0) -> str:
-    from desloc.train import TrainConfig
-
     check_finite("--temperature", temperature, "--temperature 0.8")
     if not temperature > 0:
         raise ConfigError(f"--temperature must be > 0, got {temperature}; e.g. 0.8 (lower = more "
@@ -38,15 +37,15 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 200, temperature: flo
         raise ConfigError(f"--worker must be an integer >= 0, got {worker!r}")
     try:
         if cfg.shard > 1:  # worker = a replica group: its DCP checkpoint, gathered into whole tensors
-            from desloc.comm.mesh import load_sharded_offline
+            from desloc.comm.dcp import load_sharded_offline
+            from desloc.runtime.sharded import ShardedEngine, replica_checkpoint_dir
 
-            step = run.resume_step(list(range(cfg.workers * cfg.shard)))
+            step = run.resume_step(ShardedEngine.resume_ranks(cfg))
             if step is None:
                 raise FileNotFoundError(f"no valid checkpoint in {run.ckpt_root}")
             _check_worker(worker, cfg.workers, step, run.path, cfg.workers)
-            rank = worker * cfg.shard  # shard 0 of the group
-            skeleton = run.load_checkpoint(rank, step)
-            state = load_sharded_offline(skeleton, run.checkpoint_file(step, rank).parent / f"replica{worker}")
+            skeleton = run.load_checkpoint(worker * cfg.shard, step)  # shard 0 of the group
+            state = load_sharded_offline(skeleton, replica_checkpoint_dir(run, step, worker))
             weights = state["model"]["module"]
         else:
             ckpt = run.load_checkpoint(0)  # simulator: one file with every worker; torchrun: rank 0's

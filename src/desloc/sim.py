@@ -30,7 +30,7 @@ class StackedReplicas:
 
     Args:
         module: the model; replica m starts as an exact copy of it (identical initialisation,
-            as with DDP), unless ``init_fn`` re-initialises each replica.
+            as with DDP).
         world_size: M.
     """
 
@@ -100,10 +100,6 @@ class StackedReplicas:
 
     def eval(self) -> "StackedReplicas":
         return self.train(False)
-
-    def worker_state_dict(self, m: int) -> dict[str, torch.Tensor]:
-        """Worker m's parameters as an ordinary module state dict (clones)."""
-        return {k: v.detach().clone() for k, v in self.replicas[m].state_dict().items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone() for n, t in self.stacked.items()}

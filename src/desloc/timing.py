@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from desloc.errors import ConfigError, check_range
+from desloc.topology import DEGREE
 
 
 # Bounds of the time model's inputs. Inside them every modeled time stays finite (a step of at most
@@ -65,6 +66,13 @@ MAX_STEP_TIME_S = 1e9
 SPEED_FACTORS = (1e-6, 1e6)  # --worker-speeds, --link-speeds
 PEAK_TFLOPS = (1e-6, 1e9)
 MIN_MFU = 1e-6
+
+# The accelerators the compute model knows by name: peak dense bf16 TFLOP/s of one GPU. One table
+# for every command: `train` / `compare` model a worker as one A100 unless told otherwise
+# (TimeConfig), `wallclock` / `plan` a worker as a node of 8 H100s, the DES-LOC paper's setting
+# (desloc.wallclock.Compute). Both use flops_step_time and the same MFU default.
+ACCELERATORS = {"a100": 312.0, "h100": 989.0}
+DEFAULT_MFU = 0.4
 
 
 @dataclass(frozen=True)
@@ -221,8 +229,8 @@ class TimeConfig:
     worker_speeds: list[float] | None = None
     link_speeds: list[float] | None = None
     step_time_s: float | None = None
-    peak_tflops: float = 312.0
-    mfu: float = 0.4
+    peak_tflops: float = ACCELERATORS["a100"]
+    mfu: float = DEFAULT_MFU
 
     def __post_init__(self) -> None:
         profile(self.network)
@@ -330,15 +338,12 @@ def _si(value: float, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
-GOSSIP_DEGREE = {"one-peer": 1, "two-peer": 2, "ring": 2, "none": 0}
-
-
 def exchange_time(model: TimeModel, worker: int, nbytes: float, topology: str) -> float:
     """Worker ``worker``'s own communication per GASLoC round: latency plus its sends
     (``complete``: one all-reduce of everyone)."""
     if topology == "complete":
         return model.all_reduce_time(nbytes, list(range(model.world_size)))
-    degree = GOSSIP_DEGREE[topology]
+    degree = DEGREE[topology]
     return (model.network.latency_s + model.send_time(worker, nbytes, degree)) if degree else 0.0
 
 

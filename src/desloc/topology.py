@@ -22,6 +22,9 @@ import torch
 from desloc.errors import ConfigError
 
 TOPOLOGIES = ("complete", "ring", "one-peer", "two-peer", "none")
+RANDOM_TOPOLOGIES = ("one-peer", "two-peer")  # drawn from the gossip seed every round; the others are fixed
+# Peers each worker sends its model to in a round (complete: an all-reduce of everyone, no degree).
+DEGREE = {"one-peer": 1, "two-peer": 2, "ring": 2, "none": 0}
 Neighbours = list[list[tuple[int, float]]]
 
 

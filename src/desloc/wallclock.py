@@ -19,7 +19,7 @@ Method schedules (tensor: period), all one all-reduce per tensor when it is due:
     local-adam                  x, u, v: K_x                      -> 3 / K_x
     desloc                      x: K_x, u: K_u, v: K_v            -> 1/K_x + 1/K_u + 1/K_v
     keep-states, reset-states   x: K_x                            -> 1 / K_x
-    diloco                      pseudo-gradient: K_x (= H)        -> 1 / K_x
+    diloco                      x (the pseudo-gradient): K_x = H  -> 1 / K_x
     mtdao                       x: K_x, u^j: K_j, v: K_v          -> 1/K_x + sum_j 1/K_j + 1/K_v
 
 Because a separate all-reduce is paid for each tensor on the steps where it is due, the mean time
@@ -44,7 +44,6 @@ written out in :data:`PLAN_RULE`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from collections.abc import Sequence
@@ -52,9 +51,31 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from desloc.errors import ConfigError, check_finite, check_int, check_period, check_range
-from desloc.timing import PROFILES, NetworkProfile, TimeModel, flops_step_time, half_life
+from desloc.timing import (ACCELERATORS, DEFAULT_MFU, PROFILES, NetworkProfile, TimeModel, flops_step_time, half_life,
+                           profile)
 
-METHODS = ("ddp", "local-adam", "desloc", "keep-states", "reset-states", "diloco", "mtdao")
+
+
+class _AllReduceMethods(Sequence[str]):
+    """The registered methods that all-reduce (every one but the gossiping ones), in registry
+    order, read live: a method registered later gets a row too."""
+
+    def _names(self) -> tuple[str, ...]:
+        from desloc.algorithms import METHODS as REGISTRY
+
+        return tuple(name for name, spec in REGISTRY.items() if not spec.gossips)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+METHODS: Sequence[str] = _AllReduceMethods()
 PAPER_PERIODS = (256, 768, 1536)
 PAPER_MODELS = ("1b", "7b", "13b")
 PAPER_CLAIM = (1.3, 2.1)
@@ -103,10 +124,12 @@ def custom_profile(bandwidth_gbps: float, latency_ms: float) -> NetworkProfile:
 
 
 def network(name: str) -> NetworkProfile:
-    if name not in PROFILES:
-        raise ConfigError(f"unknown network profile {name!r}; choose from {', '.join(PROFILES)}, or give "
-                          "--bandwidth-gbps X --latency-ms Y")
-    return PROFILES[name]
+    """A network as ``desloc train --network`` takes it (:func:`desloc.timing.profile`): a profile
+    name or a link ``RATE[:LATENCY]`` such as ``20mbit:0.2ms``."""
+    try:
+        return profile(name)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; or give --bandwidth-gbps X --latency-ms Y") from None
 
 
 MAX_WORKERS = 1_000_000
@@ -118,8 +141,8 @@ class Compute:
 
     workers: int = 16  # M: data-parallel workers, one network link each
     gpus_per_worker: int = 8  # G: GPUs inside a worker (their reduction is free: NVLink)
-    peak_tflops: float = 989.0  # P per GPU: H100 SXM dense bf16
-    mfu: float = 0.4  # model FLOP utilisation
+    peak_tflops: float = ACCELERATORS["h100"]  # P per GPU: H100 SXM dense bf16
+    mfu: float = DEFAULT_MFU  # model FLOP utilisation
     batch_tokens: int = 4_194_304  # B: global batch in tokens (2048 sequences of 2048)
     seq_len: int = 2048  # reported only: 6 N D ignores attention FLOPs
     bytes_per_param: float = 2.0  # b: bf16 on the wire (4 = fp32)
@@ -183,21 +206,24 @@ ASSUMED = {
 # ---------------------------------------------------------------------------------- schedules
 def schedule(method: str, kx: int, ku: int, kv: int,
              momentum_periods: Sequence[int] | None = None) -> list[tuple[str, int]]:
-    """(tensor, period) pairs: what the method all-reduces and how often (module docstring)."""
-    if method == "ddp":
-        return [("grads", 1)]
-    if method == "local-adam":
-        return [("params", kx), ("exp_avg", kx), ("exp_avg_sq", kx)]
-    if method == "desloc":
-        return [("params", kx), ("exp_avg", ku), ("exp_avg_sq", kv)]
-    if method in ("keep-states", "reset-states"):
-        return [("params", kx)]
-    if method == "diloco":
-        return [("pseudo_grad", kx)]
-    if method == "mtdao":
-        ks = list(momentum_periods) if momentum_periods is not None else [ku, ku]
-        return [("params", kx)] + [(f"u{j}", k) for j, k in enumerate(ks)] + [("exp_avg_sq", kv)]
-    raise ConfigError(f"unknown method {method!r} for the time model; choose from {', '.join(METHODS)}")
+    """(tensor, period) pairs: what the method all-reduces and how often -- the method's own
+    :meth:`~desloc.algorithms.spec.MethodSpec.schedule` for an Adam inner optimizer (MT-DAO's for
+    mtdao, with ``len(momentum_periods)`` momenta, default two on K_u), with K_x, K_u, K_v taken
+    as the method takes them (module docstring)."""
+    from desloc.algorithms import METHODS as REGISTRY
+    from desloc.algorithms import MethodConfig
+    from desloc.optim import INNER_OPTIMIZERS
+    from desloc.optim.mtdao import state_roles as mtdao_roles
+
+    spec = REGISTRY.get(method)
+    if spec is None or spec.gossips:
+        raise ConfigError(f"unknown method {method!r} for the time model; choose from {', '.join(METHODS)}")
+    mt = spec.inner == "mtdao"
+    roles = mtdao_roles(len(momentum_periods) if momentum_periods else 2) if mt else INNER_OPTIMIZERS["adamw"]
+    given = {"period_x": kx, "period_u": ku, "period_v": kv,
+             "momentum_periods": list(momentum_periods) if momentum_periods is not None else None}
+    cfg = MethodConfig(name=method, **spec.project(given, "mtdao-adam" if mt else "adamw"))
+    return [(tag, k) for tag, k in spec.schedule(cfg, roles).periods.items() if k is not None]
 
 
 def models_per_step(sched: Sequence[tuple[str, int]]) -> float:
@@ -536,40 +562,3 @@ def format_plan(p: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------ CLI plumbing
-def add_network_and_compute_flags(p: argparse.ArgumentParser) -> None:
-    """The flags `desloc wallclock` and `desloc plan` share."""
-    d = Compute()
-    p.add_argument("--bandwidth-gbps", type=float, default=None, help="custom link bandwidth in Gb/s per worker")
-    p.add_argument("--latency-ms", type=float, default=None, help="custom link latency in ms (with --bandwidth-gbps)")
-    p.add_argument("--workers", "-M", type=int, default=d.workers, help=f"number of workers M (default {d.workers})")
-    p.add_argument("--gpus-per-worker", type=int, default=d.gpus_per_worker,
-                   help=f"GPUs in one worker (default {d.gpus_per_worker})")
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
-                   help=f"peak TFLOP/s of one GPU (default {d.peak_tflops:g}, H100 bf16 dense)")
-    p.add_argument("--mfu", type=float, default=d.mfu, help=f"model FLOP utilisation (default {d.mfu:g})")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
-                   help=f"global batch in tokens (default {d.batch_tokens})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"sequence length (default {d.seq_len})")
-    p.add_argument("--bytes-per-param", type=float, default=d.bytes_per_param,
-                   help=f"bytes per parameter on the wire (default {d.bytes_per_param:g}: bf16; 4 = fp32)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def compute_from_args(args: argparse.Namespace) -> Compute:
-    return Compute(workers=args.workers, gpus_per_worker=args.gpus_per_worker, peak_tflops=args.peak_tflops,
-                   mfu=args.mfu, batch_tokens=args.batch_tokens, seq_len=args.seq_len,
-                   bytes_per_param=args.bytes_per_param)
-
-
-def profiles_from_args(names: str | None, args: argparse.Namespace,
-                       default: str = "datacenter") -> list[NetworkProfile]:
-    """``--profiles a,b`` (or --profile) plus a custom one from --bandwidth-gbps / --latency-ms."""
-    if args.latency_ms is not None and args.bandwidth_gbps is None:
-        raise ConfigError(f"--latency-ms {args.latency_ms:g} needs --bandwidth-gbps for the custom network; e.g. "
-                          f"--bandwidth-gbps 10 --latency-ms {args.latency_ms:g}")
-    out = [network(n.strip()) for n in names.split(",") if n.strip()] if names is not None else []
-    if args.bandwidth_gbps is not None:
-        out.append(custom_profile(args.bandwidth_gbps, 0.01 if args.latency_ms is None else args.latency_ms))
-    if not out and names is not None:
-        raise ConfigError(f"no network profile in {names!r}; choose from {', '.join(PROFILES)}")
-    return out or [PROFILES[default]]

@@ -3,7 +3,7 @@
 Both expose the same small surface to the training loop -- forward/backward on each local
 worker's batch, local metrics, their mean over all workers (:meth:`mean_over_workers`, the only
 communication here, one all-reduce at a logging step under torch.distributed), evaluation, and
-the model state to checkpoint -- so ``train.py`` has one loop for both engines, and real workers
+the model state to checkpoint -- so :mod:`desloc.loop` has one loop for every engine, and real workers
 are never forced into lockstep between the method's own syncs.
 
 Randomness (dropout) is part of the run, and stateless like the data: worker m's forward and
@@ -93,14 +93,9 @@ class SimWorkers:
         self.comm: Communicator = SimulatedComm(world_size)
         self.world_size = world_size
         self.local_workers = list(range(world_size))
-        self.is_main = True
-        self.engine = "sim"
 
     def parameters(self) -> list[torch.Tensor]:
         return self.replicas.parameters()
-
-    def model(self, worker: int) -> nn.Module:
-        return self.replicas[worker]
 
     def forward_backward(self, batches, device: str, bf16: bool, seed: int, step: int,
                          measure: bool = False, idle: Collection[int] = ()) -> StepStats:
@@ -134,8 +129,9 @@ class SimWorkers:
         """Each column's mean over the workers (all of them are here; float64, as ProcessWorkers')."""
         return {k: sum(v) / len(v) for k, v in columns.items()}
 
-    def per_process(self, value: float) -> list[float]:
-        return [value]
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's part of ``tensor``: all of it (every worker's tensors are whole here)."""
+        return tensor
 
     def identical(self) -> bool:
         return all(torch.equal(p[0].expand_as(p), p) for p in self.parameters())
@@ -152,9 +148,6 @@ class SimWorkers:
     def load_model_state(self, state: dict[str, Any]) -> None:
         self.replicas.load_state_dict(state["stacked"])
 
-    def worker_state_dict(self, worker: int) -> dict[str, torch.Tensor]:
-        return self.replicas.worker_state_dict(worker)
-
 
 class ProcessWorkers:
     """This process's one worker; peers reached through a torch.distributed communicator."""
@@ -162,17 +155,20 @@ class ProcessWorkers:
     def __init__(self, model: nn.Module, comm: Communicator):
         self.net = model
         self.comm = comm
-        self.world_size = comm.world_size
         (self.rank,) = comm.local_workers
         self.local_workers = [self.rank]
-        self.is_main = self.rank == 0
-        self.engine = "torch.distributed"
+
+    @property
+    def world_size(self) -> int:
+        """The workers M (under --ft: the last round's participants)."""
+        return self.comm.world_size
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.net.parameters())
 
-    def model(self, worker: int) -> nn.Module:
-        return self.net
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's part of ``tensor``: all of it (a worker is one process)."""
+        return tensor
 
     def _mean(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=next(self.net.parameters()).device)
@@ -225,61 +221,39 @@ class ProcessWorkers:
             raise ValueError("checkpoint holds simulator state; resume with --backend sim")
         self.net.load_state_dict(state["module"])
 
-    def worker_state_dict(self, worker: int) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-
 
 class FtWorkers(ProcessWorkers):
     """This process's one worker of a ``--ft`` job (a torchft replica group): it writes its own run
     directory and logs its own metrics -- a logging step sends nothing, so a worker never waits
     for a peer outside the method's syncs. ``world_size`` is the last round's participants."""
 
-    def __init__(self, model: nn.Module, comm: Communicator):
-        super().__init__(model, comm)
-        self.is_main = True
-        self.engine = "torchft"
-
-    @property
-    def world_size(self) -> int:  # type: ignore[override]
-        return self.comm.world_size
-
-    @world_size.setter
-    def world_size(self, value: int) -> None:
-        pass  # follows the communicator
-
     def mean_over_workers(self, columns: dict[str, list[float]]) -> dict[str, float]:
         return {k: float(v[0]) for k, v in columns.items()}
 
-    def per_process(self, value: float) -> list[float]:
-        return [value]
-
 
 class ShardedWorkers(ProcessWorkers):
-    """This process's shard of its worker, a replica group of N processes (``--shard N``,
-    :mod:`desloc.comm.mesh`): the model is FSDP2-sharded over the group, the communicator averages
-    over the replica groups. The group's batch (worker r's, as unsharded) is split by rows: shard s
-    computes on rows [s B/N, (s+1) B/N), and FSDP's gradient reduce-scatter averages the shards, so
+    """This process's shard ``shard`` of its worker, a replica group of ``shards`` processes
+    (``--shard N``, :mod:`desloc.comm.fsdp`): the model is FSDP2-sharded over the group, the
+    communicator (:class:`desloc.comm.mesh.MeshComm`) averages over the replica groups. The group's
+    batch (worker r's, as unsharded) is split by rows: shard s computes on rows
+    [s B/N, (s+1) B/N), and FSDP's gradient reduce-scatter averages the shards, so
     the group's gradient is the one of the whole batch. Logged values are the group's: losses and
     norms are reduced over the shards first (observer traffic inside the group), then over groups."""
 
-    def __init__(self, model: nn.Module, comm: Communicator):
+    def __init__(self, model: nn.Module, comm: Communicator, shard: int, shards: int):
         super().__init__(model, comm)
-        self.mesh = comm.mesh  # type: ignore[attr-defined]
         self.sharded_params = list(model.parameters())  # DTensors (FSDP swaps in gathered ones while unsharded)
-        self.shard, self.shards = self.mesh.shard, self.mesh.shards
-        self.global_rank = self.rank * self.shards + self.shard
-        self.is_main = self.global_rank == 0
-        self.engine = "torch.distributed+fsdp2"
+        self.shard, self.shards = shard, shards
 
-    @staticmethod
-    def local(t: torch.Tensor) -> torch.Tensor:
-        from desloc.comm.mesh import local
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's shard of ``tensor`` (a view: writes show through)."""
+        from desloc.comm.fsdp import local
 
-        return local(t)
+        return local(tensor)
 
     def _group_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=_model_device(self.net))
-        return self.comm.shard_sum(t).tolist()  # type: ignore[attr-defined]
+        return self.comm.group_sum(t).tolist()
 
     def _mean(self, values: list[float]) -> list[float]:
         group_mean = [v / self.shards for v in self._group_sum(values)]
@@ -300,13 +274,13 @@ class ShardedWorkers(ProcessWorkers):
             loss.backward()
         norms = None
         if measure:
-            gsq = sum(float(self.local(p.grad).float().pow(2).sum()) for p in self.sharded_params
+            gsq = sum(float(self.local_part(p.grad).float().pow(2).sum()) for p in self.sharded_params
                       if p.grad is not None)
             norms = [self._group_sum([gsq])[0] ** 0.5]
         return StepStats(loss.detach().reshape(1), norms)
 
     def param_norms(self) -> list[float]:
-        sq = sum(float(self.local(p).detach().float().pow(2).sum()) for p in self.sharded_params)
+        sq = sum(float(self.local_part(p).detach().float().pow(2).sum()) for p in self.sharded_params)
         return [self._group_sum([sq])[0] ** 0.5]
 
     def parameters(self) -> list[torch.Tensor]:
@@ -322,8 +296,8 @@ class ShardedWorkers(ProcessWorkers):
         self.net.reshard()
         return [loss]
 
-    def per_process(self, value: float) -> list[float]:
-        return self.comm.world_gather(value)  # type: ignore[attr-defined]
+
+Workers = SimWorkers | ProcessWorkers  # FtWorkers and ShardedWorkers are ProcessWorkers
 
 
 def _eval_model(model: nn.Module, val_batches, device: str, bf16: bool) -> float:

@@ -21,6 +21,7 @@ import torch
 
 from desloc.algorithms.base import SyncedOptimizer
 from desloc.algorithms.schedule import SyncSchedule
+from desloc.algorithms.spec import MethodSpec
 
 
 class DDP(SyncedOptimizer):
@@ -39,3 +40,11 @@ class DDP(SyncedOptimizer):
                 p.grad = torch.zeros_like(p)
         self._sync(["grads"])
         self._clip()
+
+
+def _build(cfg, inner, comm, roles, kwargs) -> DDP:
+    return DDP(inner, comm, **kwargs)
+
+
+SPEC = MethodSpec("all-reduce the gradient every step", _build, frozenset({"clip_rho"}),
+                  why_fixed="syncs every step", syncs_params=False)

@@ -76,6 +76,7 @@ import torch
 from desloc.algorithms.base import SyncedOptimizer
 from desloc.algorithms.outer import OuterFactory, OuterStep
 from desloc.algorithms.schedule import SyncSchedule
+from desloc.algorithms.spec import MethodSpec, outer_factory, state_periods
 from desloc.comm.base import Communicator, PendingReduce
 from desloc.errors import ConfigError, check_period
 
@@ -260,3 +261,36 @@ class DesLoc(SyncedOptimizer):
     def anchor(self) -> list[torch.Tensor] | None:
         """The outer optimizer's anchor xbar (None without an outer optimizer)."""
         return None if self.outer is None else self.outer.anchor
+
+
+# ------------------------------------------------------------------------------ method specs
+_FIELDS = frozenset({"period_x", "period_u", "period_v", "clip_rho", "outer", "outer_lr", "outer_momentum",
+                     "momentum_periods", "param_delay", "overlap"})
+_NO_STATE_SYNC = _FIELDS - {"period_u", "period_v", "momentum_periods", "overlap"}
+
+
+def _builder(reset_states: bool):
+    def build(cfg, inner, comm, roles, kwargs) -> DesLoc:
+        kwargs.setdefault("outer", outer_factory(cfg))
+        kwargs.setdefault("param_delay", cfg.param_delay)
+        kwargs.setdefault("overlap", cfg.overlap)
+        return DesLoc(inner, comm, cfg.period_x, state_periods(cfg, roles), reset_states_on_param_sync=reset_states,
+                      **kwargs)
+    return build
+
+
+SPECS = {
+    "local-adam": MethodSpec("parameters and all optimizer states every K steps", _builder(False),
+                             _FIELDS - {"momentum_periods"}, "tied",
+                             why_fixed="syncs every state with the parameters (every K_x)"),
+    "desloc": MethodSpec("parameters every K_x, first moment every K_u, second every K_v", _builder(False), _FIELDS,
+                         "tunable", 3, 6),
+    "keep-states": MethodSpec("parameters every K_x, optimizer states never (FAVG+OPT)", _builder(False),
+                              _NO_STATE_SYNC, why_fixed="never syncs optimizer states"),
+    "reset-states": MethodSpec("parameters every K_x, states zeroed at each parameter sync", _builder(True),
+                               _NO_STATE_SYNC, why_fixed="zeroes optimizer states at each parameter sync",
+                               reset_states=True),
+    # the MT-DAO paper's K = 32 example: every period K_x
+    "mtdao": MethodSpec("MT-DAO: N first momenta, each synced every K_j; x every K_x, v every K_v", _builder(False),
+                        _FIELDS, "tunable", 1, 1, inner="mtdao"),
+}

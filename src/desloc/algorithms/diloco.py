@@ -31,6 +31,7 @@ import torch
 
 from desloc.algorithms.desloc import DesLoc
 from desloc.algorithms.outer import OuterFactory, default_outer_momentum, nesterov_sgd
+from desloc.algorithms.spec import MethodSpec, outer_factory
 from desloc.comm.base import Communicator
 
 
@@ -52,3 +53,14 @@ class DiLoCo(DesLoc):
         super().__init__(inner, comm, period, {name: None for name in state_names}, clip_rho=clip_rho,
                          assume_elementwise=assume_elementwise,
                          outer=outer or nesterov_sgd(momentum=default_outer_momentum(period)), **sync_options)
+
+
+def _build(cfg, inner, comm, roles, kwargs) -> DiLoCo:
+    kwargs.setdefault("param_delay", cfg.param_delay)
+    kwargs.setdefault("overlap", cfg.overlap)
+    return DiLoCo(inner, comm, cfg.period_x, list(roles), outer=kwargs.pop("outer", outer_factory(cfg)), **kwargs)
+
+
+SPEC = MethodSpec("every H = K_x steps an outer Nesterov step on the averaged pseudo-gradient", _build,
+                  frozenset({"period_x", "clip_rho", "outer", "outer_lr", "outer_momentum", "param_delay"}),
+                  why_fixed="never syncs optimizer states", outer="nesterov")

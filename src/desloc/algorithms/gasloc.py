@@ -52,6 +52,7 @@ import torch
 from desloc.algorithms.base import SyncedOptimizer
 from desloc.algorithms.outer import OuterStep, default_outer_momentum, nesterov_sgd
 from desloc.algorithms.schedule import SyncSchedule
+from desloc.algorithms.spec import MethodSpec
 from desloc.comm.base import Communicator
 from desloc.errors import ConfigError, check_period
 from desloc.topology import TOPOLOGIES, mixing
@@ -166,3 +167,19 @@ class GasLoc(SyncedOptimizer):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.outer.load_state_dict(state)
+
+
+def _build(cfg, inner, comm, roles, kwargs) -> GasLoc:
+    kwargs.setdefault("state_names", list(roles))
+    return GasLoc(inner, comm, cfg.period_x, topology=cfg.topology, outer_lr=cfg.outer_lr,
+                  outer_momentum=cfg.outer_momentum, nesterov=cfg.outer == "nesterov",
+                  local_steps=cfg.local_steps, seed=cfg.gossip_seed, **kwargs)
+
+
+SPEC = MethodSpec("gossip with random peers every H steps after a local outer Nesterov step", _build,
+                  frozenset({"period_x", "clip_rho", "outer", "outer_lr", "outer_momentum", "topology", "local_steps",
+                             "gossip_seed"}),
+                  why_fixed="never syncs optimizer states", outer="nesterov", gossips=True,
+                  refuses={"events": "--events needs a method that all-reduces: gasloc's per-worker local steps and "
+                                     "gossip graph are planned for a fixed number of workers",
+                           "ft": "gasloc gossips with chosen peers, which torchft's quorum all-reduce does not offer"})

@@ -1,6 +1,8 @@
 """Communication: one interface (:class:`Communicator`), one ledger, and its implementations: the
 simulator (:class:`SimulatedComm`), torch.distributed (:class:`TorchDistComm`), FSDP2 replica groups
-(:mod:`desloc.comm.mesh`) and torchft (:mod:`desloc.comm.torchft_comm`)."""
+(:mod:`desloc.comm.mesh`) and torchft (:mod:`desloc.comm.torchft_comm`). Everything that touches
+``torch.distributed`` lives here, also the replica groups' sharding (:mod:`desloc.comm.fsdp`) and
+checkpoints (:mod:`desloc.comm.dcp`)."""
 
 from desloc.comm.base import Communicator
 from desloc.comm.ledger import CommLedger

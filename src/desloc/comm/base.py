@@ -155,6 +155,13 @@ class Communicator(ABC):
     def barrier(self) -> None:  # pragma: no cover - trivial in the simulator
         """Wait for every worker (no-op in the simulator)."""
 
+    def group_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum ``values`` in place over the processes that together hold this process's worker, and
+        return it: a sharded replica group's shards (:class:`desloc.comm.mesh.MeshComm`), for the
+        group's norms and metrics. Observer traffic: not a method sync, not in the ledger. A worker
+        held by one process (every other engine): ``values`` unchanged."""
+        return values
+
     def _check_args(self, tensors: Sequence[torch.Tensor], tags: Sequence[str]) -> None:
         if len(tensors) != len(tags):
             raise ValueError(f"all_reduce_mean got {len(tensors)} tensors but {len(tags)} tags")

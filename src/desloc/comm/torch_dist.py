@@ -55,7 +55,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> str:
 
 def local_store():
     """A TCPStore served by this process on 127.0.0.1 (a free port): a torchft replica group's
-    store when it is not launched by torchrun (desloc.ft)."""
+    store when it is not launched by torchrun (desloc.runtime.torchft)."""
     return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 

@@ -1,12 +1,12 @@
 """A Communicator over a torchft ``Manager`` (optional extra: ``pip install -e '.[ft]'``).
 
 One desloc worker = one torchft replica group. The engine of ``desloc train --ft``
-(:mod:`desloc.ft` opens the rounds and heals); usable on its own too. What it does, checked by
+(:mod:`desloc.runtime.torchft` opens the rounds and heals); usable on its own too. What it does, checked by
 ``tests/test_torchft_comm.py`` (replica threads, real Lighthouse) and ``tests/test_ft.py``
 (processes, SIGKILL and restart):
 
 * **Rounds.** Membership is decided only where something is sent: a round is a torchft quorum
-  (:meth:`start_round`), opened by :mod:`desloc.ft` at the start of a step whose schedule has a
+  (:meth:`start_round`), opened by :mod:`desloc.runtime.torchft` at the start of a step whose schedule has a
   sync (or by the first collective, if nobody opened one), and closed by the commit decision
   after that step's sync. Local steps never wait on the network.
 * **The average is over the round's participants**: torchft's AVG all-reduce sums and then
@@ -15,15 +15,15 @@ One desloc worker = one torchft replica group. The engine of ``desloc train --ft
   saw every collective succeed. If not, every tensor is put back to its value before the call,
   ``failed_syncs`` counts it and the ledger does not. That undoes the tensors only: the method
   acts on the returned tensors within the same ``step()`` (DDP's inner step, an outer step, a
-  reset of states), so :mod:`desloc.ft` restores the whole step from its snapshot and redoes it
+  reset of states), so :mod:`desloc.runtime.torchft` restores the whole step from its snapshot and redoes it
   in a new round. torchft decides commits per replica group: a group whose commit failed while
   its peers' succeeded is one commit behind them and heals from a peer in the redo's round.
 * **The closing round** (:meth:`close_round`): a quorum with a one-element all-reduce and a
-  commit that is not a sync (no ledger, no ``committed_syncs``); :mod:`desloc.ft` runs it after
+  commit that is not a sync (no ledger, no ``committed_syncs``); :mod:`desloc.runtime.torchft` runs it after
   the last step, so a peer whose last sync failed can heal before everyone leaves (the
   all-reduce keeps the peers serving their state until the healer has fetched it).
 * **Fault hook** (tests only): ``after_reduce(i, n)``, if set, is called after the i-th of the
-  call's n per-tensor all-reduces (:mod:`desloc.ft` uses it for ``DESLOC_FT_FAULT``).
+  call's n per-tensor all-reduces (:mod:`desloc.runtime.torchft` uses it for ``DESLOC_FT_FAULT``).
 
 ``world_size`` is the last round's participant count; ``rank`` this worker's fixed index (its
 data shard and dropout stream: ``--replica-id``), not its place in the quorum. Overlapped
@@ -54,7 +54,7 @@ class TorchftComm(Communicator):
         self.committed_syncs = 0
         self.round_open = False
         self.participating_rank: int | None = None
-        self.on_commit = None  # callable(committed: bool, seconds: float), e.g. desloc.ft's log
+        self.on_commit = None  # callable(committed: bool, seconds: float), e.g. desloc.runtime.torchft's log
         self.after_reduce = None  # callable(i, n) after the i-th of n per-tensor all-reduces (DESLOC_FT_FAULT)
 
     @property

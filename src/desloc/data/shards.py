@@ -181,31 +181,34 @@ class WorkerStreams:
         ok = n >= self.seq_len + 1
         cum = np.cumsum(n[ok] - self.seq_len)
         if len(cum) == 0:
-            vf = self.corpus.config.val_fraction
-            longest_tail = int(n.max()) if len(n) else 0
-            longest_doc = int((np.diff(self.corpus.train_doc_offsets) + n).max(initial=0))
-            fixes = []
-            if longest_tail >= 2:
-                fixes.append(f"lower seq_len to {longest_tail - 1} (--seq-len {longest_tail - 1})")
-            if longest_doc > self.seq_len + 1:
-                need = math.ceil((self.seq_len + 1) / longest_doc * 100) / 100
-                if need < 1:
-                    fixes.append(f"raise val_fraction to {need:g}")
-            else:
-                fixes.append("raise val_fraction")
-            if self.corpus.config.tokenizer == "bpe":
-                fixes.append("use the byte tokenizer (--tokenizer byte)")
-            fixes.append("or use a larger text")
-            raise ConfigError(
-                f"the validation text is too small: no document's validation tail (the last "
-                f"val_fraction={vf} of it; the longest holds {longest_tail} tokens) holds seq_len + 1 = "
-                f"{self.seq_len + 1} tokens; " + ", ".join(fixes)
-            )
+            raise ConfigError(self._val_too_small(n))
         k = n_batches * bs
         w = ((2 * np.arange(k) + 1) * int(cum[-1])) // (2 * k)  # centres of k equal slices
         j = np.searchsorted(cum, w, side="right")
         starts = offsets[:-1][ok][j] + w - (cum[j] - (n[ok][j] - self.seq_len))
         return [self._windows(self.corpus.val_tokens, s, bs) for s in starts.reshape(n_batches, bs)]
+
+    def _val_too_small(self, val_lengths: np.ndarray) -> str:
+        """The "too little validation text" message (no document's tail holds a window), with
+        numbers that would fit; ``val_lengths``: each document's validation tokens."""
+        vf = self.corpus.config.val_fraction
+        longest_tail = int(val_lengths.max()) if len(val_lengths) else 0
+        longest_doc = int((np.diff(self.corpus.train_doc_offsets) + val_lengths).max(initial=0))
+        fixes = []
+        if longest_tail >= 2:
+            fixes.append(f"lower seq_len to {longest_tail - 1} (--seq-len {longest_tail - 1})")
+        if longest_doc > self.seq_len + 1:
+            need = math.ceil((self.seq_len + 1) / longest_doc * 100) / 100
+            if need < 1:
+                fixes.append(f"raise val_fraction to {need:g}")
+        else:
+            fixes.append("raise val_fraction")
+        if self.corpus.config.tokenizer == "bpe":
+            fixes.append("use the byte tokenizer (--tokenizer byte)")
+        fixes.append("or use a larger text")
+        return (f"the validation text is too small: no document's validation tail (the last "
+                f"val_fraction={vf} of it; the longest holds {longest_tail} tokens) holds seq_len + 1 = "
+                f"{self.seq_len + 1} tokens; " + ", ".join(fixes))
 
     def shard_sizes(self) -> list[int]:
         """Training tokens held by each worker."""

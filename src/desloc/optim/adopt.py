@@ -19,14 +19,7 @@ from typing import Any
 
 import torch
 
-from desloc.optim.elementwise import (
-    ElementwiseOptimizer, Rule, adopt_flavour_step, check_decay, check_lr_eps_wd, normalized, ops_for,
-)
-
-
-def adopt_normalize(grad: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, eps: float) -> torch.Tensor:
-    """n = clamp(g / max(sqrt(v), eps), -t^(1/4), t^(1/4)), a new tensor (v from the previous step)."""
-    return normalized(ops_for([grad]), [grad], [exp_avg_sq], step, eps)[0]
+from desloc.optim.elementwise import ElementwiseOptimizer, Rule, adopt_flavour_step, check_decay, check_lr_eps_wd
 
 
 def adopt_update(

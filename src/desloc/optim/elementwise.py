@@ -24,9 +24,9 @@ momenta under the names its subclass gives (ADOPT: ``exp_avg``; MT-DAO: ``exp_av
 all of them), op by op over the group's tensor lists. On the devices in :data:`FOREACH_DEVICES`
 each op is one ``torch._foreach_*`` call: there (CPU) a foreach kernel is the per-tensor op run on
 every tensor of its lists, so the bits equal a per-parameter loop (tests/test_elementwise.py
-checks it). Elsewhere each op runs per tensor, the same ops as before, until a device's foreach
-kernels are checked to give the same bits: they need not (CUDA's per-tensor division by a Python
-scalar multiplies by its reciprocal, torch's sources have its foreach kernel divide). The
+checks it). Elsewhere each op runs per tensor, until a device's foreach kernels are checked to
+give the same bits: they need not (CUDA's per-tensor division by a Python scalar multiplies by its
+reciprocal, torch's sources have its foreach kernel divide). The
 two-sided clamp has no foreach kernel and runs per tensor.
 Every operation is elementwise with shared scalars, so one instance over worker-stacked tensors
 equals M independent instances.

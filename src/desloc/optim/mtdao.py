@@ -106,34 +106,6 @@ def mtdao_adam_update(
                       beta2, eps, weight_decay)
 
 
-def _check(h: dict) -> None:
-    """Validate one group's hyperparameters; raise ConfigError naming the argument and the fix."""
-    if h["flavour"] not in FLAVOURS:
-        raise ConfigError(f"MTDAO flavour must be one of {FLAVOURS}, got {h['flavour']!r}")
-    betas, omegas = h["betas"], h["omegas"]
-    if len(betas) < 1:
-        raise ConfigError("MTDAO betas must hold at least one momentum decay, got (); e.g. betas=(0.9, 0.99)")
-    if len(omegas) != len(betas):
-        raise ConfigError(
-            f"MTDAO omegas must have one weight per momentum: len(betas) = {len(betas)} but "
-            f"omegas = {tuple(omegas)} has {len(omegas)}; pass {len(betas)} weights"
-        )
-    for j, b in enumerate(betas):
-        check_decay("MTDAO", f"betas[{j}]", b, "; e.g. 0.9 (fast) or 0.99 (slow)")
-    for j, w in enumerate(omegas):
-        if not w >= 0.0:
-            raise ConfigError(
-                f"MTDAO omegas[{j}] must be >= 0, got {w}; use 0 to leave momentum {j} out of the step"
-            )
-    if not sum(omegas) <= 1.0 + 1e-12:
-        raise ConfigError(
-            f"MTDAO omegas must sum to <= 1, got sum{tuple(omegas)} = {sum(omegas)}; "
-            "scale them down (1 - sum is the weight of the current gradient)"
-        )
-    check_decay("MTDAO", "beta2", h["beta2"], f"; e.g. {_BETA2[h['flavour']]}")
-    check_lr_eps_wd("MTDAO", h, eps_hint=_EPS[h["flavour"]])
-
-
 class MTDAO(ElementwiseOptimizer):
     """MT-DAO with ``len(betas)`` first momenta; see the module docstring for the update."""
 
@@ -158,7 +130,31 @@ class MTDAO(ElementwiseOptimizer):
         super().add_param_group(param_group)
 
     def _validate(self, hyper: dict[str, Any]) -> None:
-        _check(hyper)
+        """Validate one group's hyperparameters; raise ConfigError naming the argument and the fix."""
+        if hyper["flavour"] not in FLAVOURS:
+            raise ConfigError(f"MTDAO flavour must be one of {FLAVOURS}, got {hyper['flavour']!r}")
+        betas, omegas = hyper["betas"], hyper["omegas"]
+        if len(betas) < 1:
+            raise ConfigError("MTDAO betas must hold at least one momentum decay, got (); e.g. betas=(0.9, 0.99)")
+        if len(omegas) != len(betas):
+            raise ConfigError(
+                f"MTDAO omegas must have one weight per momentum: len(betas) = {len(betas)} but "
+                f"omegas = {tuple(omegas)} has {len(omegas)}; pass {len(betas)} weights"
+            )
+        for j, b in enumerate(betas):
+            check_decay("MTDAO", f"betas[{j}]", b, "; e.g. 0.9 (fast) or 0.99 (slow)")
+        for j, w in enumerate(omegas):
+            if not w >= 0.0:
+                raise ConfigError(
+                    f"MTDAO omegas[{j}] must be >= 0, got {w}; use 0 to leave momentum {j} out of the step"
+                )
+        if not sum(omegas) <= 1.0 + 1e-12:
+            raise ConfigError(
+                f"MTDAO omegas must sum to <= 1, got sum{tuple(omegas)} = {sum(omegas)}; "
+                "scale them down (1 - sum is the weight of the current gradient)"
+            )
+        check_decay("MTDAO", "beta2", hyper["beta2"], f"; e.g. {_BETA2[hyper['flavour']]}")
+        check_lr_eps_wd("MTDAO", hyper, eps_hint=_EPS[hyper["flavour"]])
 
     def _rule(self, group: dict[str, Any]) -> Rule:
         return Rule(group["flavour"], momentum_names(len(group["betas"])), group["betas"], group["omegas"],
