@@ -11,7 +11,7 @@ from desloc.comm import CommLedger, Communicator, SimulatedComm
 from desloc.errors import CheckpointMismatchError, ConfigError
 from desloc.optim import ADOPT, InnerConfig
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package's version (pyproject.toml reads it; `desloc --version` prints it)
 __all__ = [
     "ADOPT", "CheckpointMismatchError", "CommLedger", "Communicator", "ConfigError", "DDP",
     "DesLoc", "InnerConfig", "SyncedOptimizer", "METHODS", "MethodConfig", "SimulatedComm",

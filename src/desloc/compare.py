@@ -85,7 +85,14 @@ def markdown_table(table: dict[str, Any], reference: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title: str) -> None:
+def time_label(summary: dict[str, Any]) -> str:
+    """Which network and compute model a run's modeled time assumes, from its summary."""
+    step, source = summary.get("step_time_s"), summary.get("step_time_source", "flops")
+    how = {"flops": "from FLOPs", "given": "given", "measured": "measured on this machine"}.get(source, source)
+    return f"{summary.get('network')}; {step * 1e3:.3g} ms/step ({how})" if step else str(summary.get("network"))
+
+
+def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title: str, time_note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +115,7 @@ def plot_compare(out: Path, curves: dict[str, list[list[dict[str, Any]]]], title
     a1.set_xlabel("step")
     a2.set_xlabel("bytes sent per worker (log)")
     a2.set_xscale("log")
-    a3.set_xlabel("modeled time (s)")
+    a3.set_xlabel(f"modeled time (s)\n{time_note}" if time_note else "modeled time (s)", fontsize=9)
     for ax in (a1, a2, a3):
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.grid(alpha=0.3, which="both")
@@ -182,5 +189,5 @@ def run_compare(base_config: Callable[[str, int], Any], methods: list[str], seed
         atomic_write_json(out / "compare.json", record)
         md = f"# desloc compare\n\n{title}\n\n" + markdown_table(table, reference if reference in table else None) + "\n"
         atomic_write_bytes(out / "compare.md", md.encode())
-        plot_compare(out, curves, title)
+        plot_compare(out, curves, title, time_label(next(iter(runs.values()))[0]))
     return record

@@ -59,6 +59,8 @@ class TrainConfig:
     device: str = "auto"
     ft: FtConfig | None = None  # --ft: this worker is a torchft replica group (desloc.ft)
     shard: int = 1  # --shard N: a worker is N processes sharding the model with FSDP2 (desloc.runtime.sharded, desloc.comm.fsdp)
+    tensorboard: bool = False  # also log every metrics row to RUN/tensorboard (desloc.sinks)
+    wandb: bool = False  # also log every metrics row to W&B, offline without credentials (desloc.sinks)
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every"):
@@ -113,6 +115,15 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} needs one factor per worker ({self.workers}), got "
                                   f"{len(values)}: {values}; e.g. --{name.replace('_', '-')} "
                                   + ",".join(["1"] * (self.workers - 1) + ["0.25"]))
+        if self.time.step_time_source == "measured":  # the rule: desloc.timing.TimeConfig
+            if self.events:
+                raise ConfigError("--step-time measured with --events: the modeled time is replayed at the run's "
+                                  "median step time, which is not modeled across membership changes; give "
+                                  "--step-time SECONDS (e.g. a measured run's summary step_time_s) or drop --events")
+            if self.method.local_steps == "auto":
+                raise ConfigError("--step-time measured with --local-steps auto: GASLoC's H_i come from the step "
+                                  "time before the first step is measured; give --step-time SECONDS or explicit "
+                                  "--local-steps, e.g. 32,32,32,8")
         self._check_sync_happens()
 
     def _check_events(self) -> None:

@@ -31,8 +31,9 @@ from desloc.config import TrainConfig
 from desloc.data import Corpus, WorkerStreams
 from desloc.errors import CheckpointMismatchError, DivergenceError, Interrupted
 from desloc.model import GPT
-from desloc.records import RunDir, plot_run
+from desloc.records import RunDir, atomic_write_bytes, dumps, plot_run
 from desloc.runtime import Engine, Session, checkpoint_state, engine_for, load_state
+from desloc.sinks import MetricsSink, NullSink, open_sinks
 from desloc.timing import VirtualClock, auto_local_steps
 from desloc.workers import StepStats
 
@@ -91,7 +92,8 @@ def build(cfg: TrainConfig, run: RunDir, engine: Engine | str, device: str | Non
     workers = engine.make_workers(model, m)
     inner = cfg.inner.build(workers.parameters())
     opt = build_method(method, inner, workers.comm, cfg.inner.state_roles())
-    clock = VirtualClock(time_model)
+    measured = cfg.time.step_time_source == "measured"  # the clock keeps its samples and events (TimeConfig)
+    clock = VirtualClock(time_model, measured=[] if measured else None, events=[] if measured else None)
     workers.comm.add_listener(clock)  # the clock hears every call the ledger counts
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     session = Session(cfg, run, engine, corpus, streams, val_batches, workers, opt, sched, n_params, time_model, clock)
@@ -317,6 +319,8 @@ def time_summary(s: Session, steps: int) -> dict[str, Any]:
     ddp = ddp_reference_time(s, steps, param_bytes)
     modeled = s.clock.now
     out = {"network": s.time_model.network.name, "step_time_s": s.time_model.step_time_s,
+           "step_time_source": s.cfg.time.step_time_source,
+           **({} if s.clock.measured is None else {"measured_step_samples": len(s.clock.measured)}),
            "worker_speeds": s.time_model.worker_speeds, "link_speeds": s.time_model.link_speeds,
            "modeled_time_s": modeled, "compute_only_time_s": s.clock.compute_only,
            "ddp_modeled_time_s": ddp, "speedup_vs_ddp_modeled": ddp / modeled if modeled > 0 else None}
@@ -371,6 +375,7 @@ class _Run:
     last_ckpt: int
     val_loss: float | None = None
     stop_signal: int | None = None
+    sink: MetricsSink = dataclasses.field(default_factory=NullSink)  # --tensorboard / --wandb (desloc.sinks)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -388,23 +393,27 @@ def run_loop(s: Session, start: int, elapsed_before: float, stop_after: int | No
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=cfg.method.name, unit="step")
     r = _Run(s, stop, bar, show, title, start, cfg.steps if stop_after is None else min(cfg.steps, start + stop_after),
-             elapsed_before, time.perf_counter(), Health(), StateDynamics(s) if cfg.state_dynamics else None, start)
-    step = s.engine.start(s, start)  # --ft: join the job; a worker that is behind continues from a peer's step
-    r.last_ckpt = bar.n = step
-    while step < r.end:
-        healed_to = r.s.engine.before_step(r.s, step, r.elapsed())  # --ft: opens the round of a step that syncs
-        if healed_to != step:
-            step = r.last_ckpt = bar.n = healed_to
-            if step >= r.end:
+             elapsed_before, time.perf_counter(), Health(), StateDynamics(s) if cfg.state_dynamics else None, start,
+             sink=open_sinks(cfg.to_dict(), s.run.path, start, s.engine.is_main))
+    try:
+        step = s.engine.start(s, start)  # --ft: join the job; a worker that is behind continues from a peer's step
+        r.last_ckpt = bar.n = step
+        while step < r.end:
+            healed_to = r.s.engine.before_step(r.s, step, r.elapsed())  # --ft: opens the round of a step that syncs
+            if healed_to != step:
+                step = r.last_ckpt = bar.n = healed_to
+                if step >= r.end:
+                    break
+            if not _step(r, step + 1):  # --ft: the round did not commit, the state was restored: redo the step
+                continue
+            step += 1
+            if r.stop_signal is not None:
+                r.end = step
                 break
-        if not _step(r, step + 1):  # --ft: the round did not commit, the state was restored: redo the step
-            continue
-        step += 1
-        if r.stop_signal is not None:
-            r.end = step
-            break
-    bar.close()
-    return _finish(r)
+        bar.close()
+        return _finish(r)
+    finally:
+        r.sink.close()  # also after a divergence, a stop or an error: what was logged is kept
 
 
 def _step(r: _Run, done: int) -> bool:
@@ -416,8 +425,15 @@ def _step(r: _Run, done: int) -> bool:
     sitting_out = s.opt.sitting_out()  # GASLoC's idle workers compute nothing this step
     active = [m not in sitting_out for m in s.workers.local_workers]
     batches = [s.streams.batch(m, done - 1) for m in s.workers.local_workers]
+    timed = s.clock.measured is not None  # --step-time measured: this step's compute is a sample
+    if timed:
+        _synchronize(s)
+        t0 = time.perf_counter()
     stats = s.workers.forward_backward(batches, s.device_type, cfg.bf16, seed=cfg.seed, step=done - 1,
                                        measure=is_log, idle=sitting_out)
+    if timed and any(active):  # one worker's forward + backward (the simulator computes its workers in turn)
+        _synchronize(s)
+        s.clock.measure((time.perf_counter() - t0) / sum(active))
     r.health.observe(stats.losses, done, active)
     s.clock.local_step([w for w in range(s.workers.world_size) if w not in sitting_out])
     lr = s.sched.get_last_lr()[0]
@@ -461,7 +477,31 @@ def _log(r: _Run, done: int, stats: StepStats, active: list[bool], lr: float, is
         r.stop_signal = r.stop.signum or signal.SIGTERM
     if s.engine.is_main:
         s.run.append_metrics(row)
+        r.sink.log(row)  # --tensorboard / --wandb: the same row (metrics.jsonl stays the record)
         _report(s, r.bar, r.show, row, r.start, elapsed - r.elapsed_before, is_eval)
+
+
+def _synchronize(s: Session) -> None:
+    """Wait for the device's queued work (a measured step ends when its kernels do)."""
+    if s.device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def replay_measured(s: Session) -> list[float] | None:
+    """--step-time measured: the step time becomes the median of the measured samples (on torchrun
+    the mean over ranks of each rank's median: one small all-reduce, every rank calls this) and
+    the clock is replayed at it (the rule: :class:`desloc.timing.TimeConfig`). Returns the modeled
+    time after each step, for the metrics rows; None when the step time is not measured."""
+    if s.clock.events is None:
+        return None
+    from statistics import median
+
+    local = median(s.clock.measured) if s.clock.measured else 0.0
+    step_time = s.workers.mean_over_workers({"step_time": [local]})["step_time"]
+    s.time_model.step_time_s = step_time  # the DDP reference (ddp_reference_time) uses it too
+    s.clock, after = s.clock.replay(step_time)
+    s.clock.model = s.time_model
+    return after
 
 
 def _finish(r: _Run) -> dict[str, Any]:
@@ -471,11 +511,16 @@ def _finish(r: _Run) -> dict[str, Any]:
     if end == cfg.steps and s.engine.finish(s, end):  # --ft closing round; healed: a peer's final state
         r.val_loss = s.workers.mean_over_workers({"v": s.workers.evaluate(s.val_batches, s.device_type, cfg.bf16)})["v"]
         checkpoint(s, end, r.elapsed())
+    replayed = replay_measured(s)
     result = summary(s, end, r.val_loss, r.elapsed())
     if s.engine.is_main:
+        if replayed is not None:  # every row's modeled time at the run's median step time
+            rows = [{**row, "modeled_time_s": replayed[row["step"] - 1]} if 0 < row["step"] <= len(replayed) else row
+                    for row in s.run.read_metrics()]
+            atomic_write_bytes(s.run.path / "metrics.jsonl", "".join(dumps(row) + "\n" for row in rows).encode())
         if end == cfg.steps:
             s.run.write_summary(result)
-        plot_run(s.run.path, s.run.read_metrics(), r.title)
+        plot_run(s.run.path, s.run.read_metrics(), r.title, time_label=cfg.time.describe(s.time_model))
     s.engine.shutdown()
     if r.stop_signal is not None:
         raise Interrupted(f"{signal.Signals(r.stop_signal).name}: stopped after step {end} of {cfg.steps} and "

@@ -53,7 +53,7 @@ from desloc.errors import RunDirError
 
 # What desloc itself writes into a run directory (``--overwrite`` removes only these).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "loss_vs_bytes.png", "loss_vs_time.png",
-             "checkpoints")
+             "checkpoints", "tensorboard", "wandb")  # the last two: --tensorboard / --wandb (desloc.sinks)
 LOCK_FILE = ".lock"
 
 
@@ -500,8 +500,10 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
         plt.close(fig)
 
 
-def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """loss.png (train and validation loss vs step), loss_vs_bytes.png and loss_vs_time.png."""
+def plot_run(path: Path, rows: list[dict[str, Any]], title: str, time_label: str | None = None) -> None:
+    """loss.png (train and validation loss vs step), loss_vs_bytes.png and loss_vs_time.png.
+    ``time_label``: the network and compute model the modeled time assumes
+    (:meth:`desloc.timing.TimeConfig.describe`), written under loss_vs_time.png's time axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -528,7 +530,7 @@ def plot_run(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     if timed:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([t for t, _ in timed], [v for _, v in timed], "o-", ms=3)
-        ax.set_xlabel("modeled time (s)")
+        ax.set_xlabel(f"modeled time (s)\n{time_label}" if time_label else "modeled time (s)", fontsize=9)
         ax.set_ylabel("validation loss")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)

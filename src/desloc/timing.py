@@ -46,10 +46,12 @@ Profiles (per-link bandwidth, one-way latency) -- :data:`PROFILES`::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any
 
 from desloc.errors import ConfigError, check_range
@@ -73,6 +75,7 @@ MIN_MFU = 1e-6
 # (desloc.wallclock.Compute). Both use flops_step_time and the same MFU default.
 ACCELERATORS = {"a100": 312.0, "h100": 989.0}
 DEFAULT_MFU = 0.4
+MEASURED = "measured"  # TimeConfig.step_time_s: this machine's measured step (the rule: TimeConfig)
 
 
 @dataclass(frozen=True)
@@ -221,14 +224,28 @@ class TimeConfig:
     link_speeds: bandwidth factor of each worker's link (0.1 = a tenth of the profile's).
     step_time_s: seconds of one local step at speed 1; None derives it from FLOPs,
         6 * params * tokens per worker step / (peak_tflops * 1e12 * mfu), so the modeled time
-        does not depend on the machine the run happens to use.
+        does not depend on the machine the run happens to use. "measured": this machine's own
+        step -- the modeled time then reads "this run on M machines like this one, connected by
+        ``network``".
     peak_tflops, mfu: the accelerator assumed for that (default A100 bf16 dense, 312, at 40%).
+
+    The rule of ``step_time_s="measured"``: the loop times every step's forward and backward on
+    this process (after a device synchronize) and divides by the workers it computed, giving one
+    worker's compute per step (the optimizer's update is left out: its call also carries the
+    method's communication, which the network model charges). The run's step time is the median
+    of all those samples -- on torchrun the mean over ranks of each rank's median -- and every
+    local step of the run costs that median: at the end the clock is replayed from its recorded
+    events (:meth:`VirtualClock.replay`) at the median, and the summary's ``modeled_time_s`` and
+    every metrics row's come from the replay. While the run is going the clock runs on the median
+    of the samples so far, so a row read before the end (or a plot of a stopped run) is provisional.
+    Not with ``--events`` (a replay across membership changes is not modeled) nor with GASLoC's
+    ``--local-steps auto`` (which needs the step time before the first step).
     """
 
     network: str = "datacenter"
     worker_speeds: list[float] | None = None
     link_speeds: list[float] | None = None
-    step_time_s: float | None = None
+    step_time_s: float | str | None = None
     peak_tflops: float = ACCELERATORS["a100"]
     mfu: float = DEFAULT_MFU
 
@@ -238,15 +255,33 @@ class TimeConfig:
             values = getattr(self, name)
             if values is not None:
                 setattr(self, name, _factors(f"--{name.replace('_', '-')}", values, len(values)))
-        if self.step_time_s is not None:
+        if self.step_time_s is not None and self.step_time_s != MEASURED:
             check_range("step_time_s (--step-time)", self.step_time_s, 0, MAX_STEP_TIME_S,
-                        example="--step-time 0.25 (seconds), or drop it to derive the step time from FLOPs")
+                        example="--step-time 0.25 (seconds), --step-time measured (this machine's), or drop "
+                                "it to derive the step time from FLOPs")
         check_range("peak_tflops (--peak-tflops)", self.peak_tflops, *PEAK_TFLOPS, example="--peak-tflops 312 (A100)")
         check_range("mfu (--mfu)", self.mfu, MIN_MFU, 1, example="--mfu 0.4")
 
+    @property
+    def step_time_source(self) -> str:
+        """Where the step time comes from: "flops" | "given" | "measured"."""
+        return "flops" if self.step_time_s is None else "measured" if self.step_time_s == MEASURED else "given"
+
+    def describe(self, model: TimeModel) -> str:
+        """The network and compute model in words, for the plots of modeled time, e.g.
+        ``datacenter (100 Gb/s, 0.01 ms); A100-class 312 TFLOP/s x MFU 0.4 = 12.3 ms/step``."""
+        net = model.network
+        bw = "free" if math.isinf(net.bandwidth_bps) else f"{_si(net.bandwidth_bps, 'b/s')}, {net.latency_s * 1e3:g} ms"
+        step = f"{model.step_time_s * 1e3:.3g} ms/step"
+        compute = {"flops": f"{self.peak_tflops:g} TFLOP/s x MFU {self.mfu:g} = {step}",
+                   "given": f"given {step}", "measured": f"measured {step} (this machine)"}[self.step_time_source]
+        return f"{net.name} ({bw}); {compute}"
+
     def model(self, world_size: int, params: int, tokens_per_worker_step: int) -> TimeModel:
         step = self.step_time_s
-        if step is None:
+        if step == MEASURED:
+            step = 0.0  # until the first step is measured (VirtualClock.measure)
+        elif step is None:
             step = flops_step_time(params, tokens_per_worker_step, self.peak_tflops * 1e12, self.mfu)
         return TimeModel(profile(self.network), step, world_size, self.worker_speeds, self.link_speeds)
 
@@ -268,6 +303,10 @@ class VirtualClock:
     compute: list[float] = field(default_factory=list)
     link_free: float = 0.0
     pending: list[list[float]] = field(default_factory=list)  # per worker: [steps left, end] pairs
+    # --step-time measured (TimeConfig): the measured seconds of one worker's step, each sample, and
+    # every event since step 0, so that the run can be replayed at the samples' median (None: not measured)
+    measured: list[float] | None = None
+    events: list[tuple[Any, ...]] | None = None
 
     def __post_init__(self) -> None:
         m = self.model.world_size
@@ -275,7 +314,35 @@ class VirtualClock:
         self.compute = self.compute or [0.0] * m
         self.pending = self.pending or [[] for _ in range(m)]
 
+    def measure(self, seconds: float) -> None:
+        """One more sample of one worker's measured compute per step; the model's step time becomes
+        the median of the samples so far (provisional until :meth:`replay`)."""
+        self.measured = (self.measured or []) + [float(seconds)]
+        self.model.step_time_s = median(self.measured)
+
+    def replay(self, step_time_s: float) -> tuple["VirtualClock", list[float]]:
+        """The clock of the same events with every local step costing ``step_time_s``, and its
+        ``now`` after each step (entry t-1: after step t and its communication, when step t's
+        metrics row is logged)."""
+        if self.events is None:
+            raise ValueError("replay needs the recorded events of a --step-time measured run")
+        model = dataclasses.replace(self.model, step_time_s=step_time_s)
+        clock = VirtualClock(model, measured=list(self.measured or []), events=[])
+        after: list[float] = []
+        stepped = False
+        for kind, *args in self.events:
+            if kind == "step":
+                if stepped:  # the previous step and its communication are through
+                    after.append(clock.now)
+                stepped = True
+            getattr(clock, {"step": "local_step", "all_reduce": "on_all_reduce", "mix": "on_mix"}[kind])(*args)
+        if stepped:
+            after.append(clock.now)
+        return clock, after
+
     def local_step(self, workers: Sequence[int]) -> None:
+        if self.events is not None:
+            self.events.append(("step", list(workers)))
         for w in workers:
             c = self.model.compute_time(w)
             self.time[w] += c
@@ -291,6 +358,8 @@ class VirtualClock:
 
     # ---- Communicator listener interface (desloc.comm.base)
     def on_all_reduce(self, nbytes: int, participants: Sequence[int], hidden_steps: int = 0) -> None:
+        if self.events is not None:
+            self.events.append(("all_reduce", nbytes, list(participants), hidden_steps))
         start = max([self.link_free] + [self.time[w] for w in participants])
         end = start + self.model.all_reduce_time(nbytes, participants)
         self.link_free = end
@@ -301,6 +370,8 @@ class VirtualClock:
                 self.time[w] = end
 
     def on_mix(self, nbytes: int, links: Sequence[tuple[int, int]]) -> None:
+        if self.events is not None:
+            self.events.append(("mix", nbytes, [tuple(link) for link in links]))
         for i, done in self.model.gossip_finish(list(self.time), nbytes, links).items():
             self.time[i] = done
 
@@ -316,12 +387,18 @@ class VirtualClock:
 
     def state_dict(self) -> dict[str, Any]:
         return {"time": list(self.time), "compute": list(self.compute), "link_free": self.link_free,
-                "pending": [list(p) for p in self.pending]}
+                "pending": [list(p) for p in self.pending],
+                **({} if self.events is None else {"measured": list(self.measured or []), "events": list(self.events)})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.time, self.compute = [float(t) for t in state["time"]], [float(c) for c in state["compute"]]
         self.link_free = float(state.get("link_free", 0.0))
         self.pending = [list(p) for p in state.get("pending", [[] for _ in self.time])]
+        if self.events is not None and "events" in state:  # --step-time measured: the samples and events so far
+            self.events = [tuple(e) for e in state["events"]]
+            self.measured = [float(t) for t in state["measured"]]
+            if self.measured:
+                self.model.step_time_s = median(self.measured)
 
 
 def half_life(beta: float) -> float:

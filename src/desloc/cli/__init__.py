@@ -22,8 +22,23 @@ __all__ = ["main", "build_parser", "collective_failure_message", "exit_code_for"
 _SUBCOMMANDS = (train, compare, sample, toy, wallclock, methods, ft_lighthouse)
 
 
+def version() -> str:
+    """The installed distribution's version (importlib.metadata), else ``desloc.__version__`` (a
+    source tree on sys.path that was never installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("desloc")
+    except PackageNotFoundError:
+        from desloc import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="desloc", description="Low-communication distributed training.")
+    parser.add_argument("--version", action="version", version=f"desloc {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _SUBCOMMANDS:
         module.add(sub)

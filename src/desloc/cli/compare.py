@@ -55,15 +55,36 @@ def _methods_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     return methods, seeds
 
 
+def _warn_file_ignores(args: argparse.Namespace) -> None:
+    """--config FILE: the keys compare sets itself are ignored, with a warning rather than refused, so a
+    run's config.json (which has them all) is a valid compare config: method.name (compare runs
+    --methods), seed (--seeds) and ft (compare runs in one process). The other method fields apply to
+    every method, each projected through its spec, as the flags are."""
+    from desloc.cli.configfile import drop
+
+    ignored = {"method.name": "compare runs each of --methods",
+               "seed": "compare runs every method once per seed in --seeds",
+               "ft": "compare runs its workers in one process, not as torchft replica groups"}
+    found = {k: ignored[k] for k in drop(args, list(ignored))}
+    if found:
+        import warnings
+
+        from desloc.errors import DeslocWarning
+
+        warnings.warn(f"compare ignores {', '.join(found)} from {args.config}: "
+                      + "; ".join(f"{k}: {why}" for k, why in found.items()), DeslocWarning)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from desloc.algorithms import METHODS
     from desloc.compare import markdown_table, run_compare
 
     methods, seeds = _methods_and_seeds(args)
     _check_timeout(args)
+    _warn_file_ignores(args)
 
     def config_for(method: str, seed: int):
-        """One run's config: the shared flags projected through the method's spec."""
+        """One run's config: the shared flags (and --config FILE) projected through the method's spec."""
         from desloc.train import TrainConfig
 
         d = _train_config(args, build=False, seed=seed)

@@ -44,6 +44,17 @@ def _local_steps(text: str) -> list[int | None] | str:
     return "auto" if text.strip().lower() == "auto" else _int_list(text)
 
 
+def _step_time(text: str) -> float | str:
+    """--step-time: seconds, or 'measured' (this machine's median step: desloc.timing.TimeConfig)."""
+    if text.strip().lower() == "measured":
+        return "measured"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--step-time takes seconds or 'measured', got {text!r}; e.g. "
+                                         "--step-time 0.25 or --step-time measured") from None
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",") if t.strip()]
@@ -113,18 +124,25 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
      ("time", "worker_speeds")),
     (("--link-speeds",), dict(type=_float_list, help="bandwidth factor of each worker's link, e.g. 1,1,1,0.1"),
      ("time", "link_speeds")),
-    (("--step-time",), dict(type=float, help="modeled seconds per local step (default: 6 N D / (peak * MFU))"),
-     ("time", "step_time_s")),
+    (("--step-time",), dict(type=_step_time, help="modeled seconds per local step, or 'measured': the median of "
+                            "this run's own measured steps (default: 6 N D / (peak * MFU))"), ("time", "step_time_s")),
     (("--peak-tflops",), dict(type=float, help="accelerator peak for the FLOP-based step time (default 312)"),
      ("time", "peak_tflops")),
     (("--mfu",), dict(type=float, help="model FLOP utilisation for the FLOP-based step time (default 0.4)"),
      ("time", "mfu")),
+    (("--tensorboard",), dict(action="store_const", const=True, help="also log every metrics row as TensorBoard "
+                              "scalars in RUN/tensorboard (needs: pip install tensorboard)"), ("tensorboard",)),
+    (("--wandb",), dict(action="store_const", const=True, help="also log every metrics row to W&B (pip install "
+                        "'desloc[wandb]'); offline in RUN/wandb without credentials"), ("wandb",)),
 ]
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for names, kw, _ in _TRAIN_FLAGS:
         p.add_argument(*names, default=argparse.SUPPRESS, **kw)
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="settings from a TOML or JSON file shaped like a run's config.json (which is one); "
+                   "flags given here override it (README 'Config files')")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model field, e.g. --set n_layer=3 (repeatable)")
     p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bf16 autocast")
@@ -138,7 +156,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, build: bool = True, **fixed: Any):
     from desloc.train import TrainConfig, unresolved_defaults
 
+    from desloc.cli.configfile import file_values, overlay
+
     cfg = base if base is not None else unresolved_defaults()
+    from_file = file_values(args)  # --config FILE: over the base, under the flags
+    overlay(cfg, from_file)
     for names, _, path in _TRAIN_FLAGS:
         dest = names[0].lstrip("-").replace("-", "_")
         if hasattr(args, dest):
@@ -150,7 +172,8 @@ def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, 
 
     spec = METHODS.get(cfg["method"]["name"])  # an unknown name is reported by MethodConfig
     if spec is not None and spec.inner == "mtdao":  # --method mtdao brings its own inner optimizer
-        cfg["inner"]["name"] = _mtdao_inner(cfg["inner"]["name"], explicit=hasattr(args, "inner"))
+        cfg["inner"]["name"] = _mtdao_inner(cfg["inner"]["name"],
+                                            explicit=hasattr(args, "inner") or "name" in from_file.get("inner", {}))
     if getattr(args, "bf16", False):
         cfg["bf16"] = True
     if getattr(args, "state_dynamics", False):
@@ -162,6 +185,9 @@ def _train_config(args: argparse.Namespace, base: dict[str, Any] | None = None, 
         cfg["model_overrides"][key.strip()] = _model_override(key.strip(), value.strip())
     for key, value in fixed.items():
         cfg[key] = value
+    from desloc.sinks import require_sinks
+
+    require_sinks(cfg)  # --tensorboard / --wandb without the package: refused before any work
     return TrainConfig.from_dict(cfg) if build else cfg
 
 
@@ -264,7 +290,7 @@ def _check_timeout(args: argparse.Namespace) -> None:
 
 
 INT64_MAX = 2**63 - 1
-_REAL_TYPES = (float, _float_list)
+_REAL_TYPES = (float, _float_list, _step_time)
 _INT_TYPES = (int, _int_list, _period, _local_steps)
 
 
@@ -287,8 +313,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         field = fields.get(action.dest) if args.command in ("train", "compare") else None
         flag_name = f"{flag} ({field})" if field else flag
         value = getattr(args, action.dest)
-        if value is None:  # not given (a default of None), or a period 'none'
-            continue
+        if value is None or isinstance(value, str):  # not given (a default of None), a period 'none', a word
+            continue  # such as --step-time measured (no number to check)
         many = isinstance(value, (list, tuple))
         for i, v in enumerate(value if many else [value]):
             name = f"{flag_name} entry {i + 1}" if many else flag_name

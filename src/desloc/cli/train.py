@@ -25,6 +25,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the desloc run already in --out (by default a non-empty --out is refused)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as TOML (a --config file) and exit without training")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of this invocation (checkpointed; continue with --resume)")
     ft = p.add_argument_group("fault tolerance (torchft, optional extra: pip install -e '.[ft]'; README "
@@ -49,13 +51,23 @@ _FT_FLAGS = {"replica_id": "replica_id", "lighthouse": "lighthouse", "ft_timeout
 
 
 def _ft_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--ft's settings: the flags, else the environment (REPLICA_GROUP_ID, TORCHFT_LIGHTHOUSE), else the
+    ``ft`` table of --config FILE, else FtConfig's defaults; None without --ft."""
+    from desloc.cli.configfile import file_values
+
     given = {field: getattr(args, flag) for flag, field in _FT_FLAGS.items() if hasattr(args, flag)}
+    from_file = file_values(args).get("ft") or {}
     if not getattr(args, "ft", False):
+        if from_file:
+            raise ConfigError(f"{args.config} sets ft (a fault-tolerant worker's settings); add --ft to run as that "
+                              "worker, or drop ft from the file")
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in _FT_FLAGS if hasattr(args, f))
             raise ConfigError(f"{flags} only apply to a fault-tolerant worker; add --ft (README 'Elastic and "
                               "fault-tolerant training')")
         return None
+    if "replica_id" not in given and not os.environ.get("REPLICA_GROUP_ID", "").isdigit() and "replica_id" in from_file:
+        given["replica_id"] = from_file["replica_id"]
     if "replica_id" not in given:
         env = os.environ.get("REPLICA_GROUP_ID", "")
         if not env.isdigit():
@@ -66,7 +78,7 @@ def _ft_config(args: argparse.Namespace) -> dict[str, Any] | None:
         given["lighthouse"] = os.environ["TORCHFT_LIGHTHOUSE"]
     from desloc.ft import FtConfig
 
-    return {**dataclasses.asdict(FtConfig()), **given}
+    return {**dataclasses.asdict(FtConfig()), **from_file, **given}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -101,17 +113,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         if identity(cfg.to_dict()) != identity(saved):
             changed = sorted(k for k in saved if identity(saved)[k] != identity(cfg.to_dict()).get(k))
-            raise ConfigError(f"--resume keeps the run's settings; these flags change {changed}. "
+            given = "these flags" + (f" and --config {args.config}" if args.config is not None else "")
+            raise ConfigError(f"--resume keeps the run's settings; {given} change {changed}. "
                               "Drop them, or start a new run with another --out")
     else:
-        if os.environ.get("WORLD_SIZE", "").isdigit() and not hasattr(args, "workers") and ft is None:
-            shard = getattr(args, "shard", 1)
+        from desloc.cli.configfile import file_values
+
+        from_file = file_values(args)
+        if os.environ.get("WORLD_SIZE", "").isdigit() and not hasattr(args, "workers") and ft is None \
+                and "workers" not in from_file:
+            shard = getattr(args, "shard", from_file.get("shard", 1))
             world = int(os.environ["WORLD_SIZE"])
             if isinstance(shard, int) and shard >= 1 and world % shard == 0:  # else TrainConfig says why
                 args.workers = world // shard  # under torchrun: one worker per process, or per N with --shard
         cfg = _train_config(args, ft=ft)
         _refuse_unused(_unused_flags(args, cfg), f"by --method {cfg.method.name} (inner {cfg.inner.name})")
     check_numbers(args)
+    if args.print_config:
+        if int(os.environ.get("RANK", "0")) == 0:
+            from desloc.cli.configfile import to_toml
+
+            print(to_toml(cfg.to_dict(), header="desloc train configuration, resolved; run it with\n"
+                          "desloc train --config FILE (flags given with it override it)"), end="")
+        return 0
     out = args.out or _default_out("train")  # train() checks the engine, device and memory first
     summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
                     timeout_s=args.timeout)
