@@ -74,7 +74,7 @@ BASE = {"train": ["train", "--out", "{out}"], "compare": ["compare", "--out", "{
         "ft-lighthouse": ["ft-lighthouse"]}
 # values that are in range for a flag (so not refused); every other sweep value must be
 IN_RANGE = {"0": {"--weight-decay", "--beta1", "--beta2", "--param-delay", "--warmup", "--min-lr-ratio", "--seed",
-                  "--step-time", "--sigma", "--latency-ms", "--gossip-seed", "--mt-betas"},
+                  "--step-time", "--sigma", "--heterogeneity", "--latency-ms", "--gossip-seed", "--mt-betas"},
             "-1": set()}
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from desloc.toy import ToyConfig, rosenbrock_grad, run_method
+from desloc.toy import ToyConfig, rosenbrock, rosenbrock_grad, run_method, worker_objectives, worker_shifts
 
 
 def test_rosenbrock_gradient_matches_autograd():
@@ -68,3 +68,117 @@ def test_toy_rejects_bad_method_spec():
 
     with pytest.raises(ConfigError, match="unknown method 'gossip'"):
         ToyConfig(methods=("gossip@ring",))
+
+
+# ---------------------------------------------------------------- heterogeneous workers (issue 22, claim 2)
+def test_heterogeneity_zero_is_the_iid_toy_bit_for_bit():
+    """H = 0 runs exactly the documented i.i.d. loop, g = grad f(x) + sigma xi, step for step."""
+    import torch
+
+    from desloc.algorithms import build_method
+    from desloc.comm import SimulatedComm
+
+    cfg = ToyConfig(workers=6, steps=48, period_x=8, period_u=8, period_v=24, heterogeneity=0.0)
+    for name in ("local-adam", "keep-states", "desloc"):
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x = torch.tensor(cfg.start, dtype=torch.float64).repeat(cfg.workers, 1)
+        inner = cfg.inner_config(name)
+        opt = build_method(cfg.method_config(name), inner.build([x]), SimulatedComm(cfg.workers), inner.state_roles())
+        expected = []
+        for _ in range(cfg.steps):
+            x.grad = rosenbrock_grad(x) + cfg.sigma * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+            expected.append(float((x.mean(0) - torch.tensor([1.0, 1.0], dtype=torch.float64)).norm()))
+        got = run_method(cfg, name)
+        assert got["distance"] == expected, name
+        assert got["final_point"] == [float(v) for v in x.mean(0)], name
+    assert ToyConfig().heterogeneity == 0.0
+
+
+@pytest.mark.parametrize("workers", [2, 7, 256])
+@pytest.mark.parametrize("h", [0.3, 10.0])
+def test_mean_worker_objective_is_the_rosenbrock(workers, h):
+    """The proof in the module doc, numerically: sum_m a_m = 0, so mean_m f_m(x) = f(x) at any x."""
+    import torch
+
+    shifts = worker_shifts(workers, h)
+    assert shifts.shape == (workers, 2)
+    assert torch.allclose(shifts.norm(dim=1), torch.full((workers,), h, dtype=torch.float64))  # |a_m| = H
+    assert shifts.sum(0).abs().max() < 1e-12 * h * workers
+    if workers % 2 == 0:  # paired as d_{m + M/2} = -d_m: the sum is exactly zero
+        assert torch.equal(shifts[workers // 2 :], -shifts[: workers // 2])
+    for point in ((1.0, 1.0), (-1.5, 2.5), (0.3, -0.7), (2.0, 4.0)):
+        x = torch.tensor(point, dtype=torch.float64).repeat(workers, 1)
+        mean = worker_objectives(x, shifts).mean()
+        common = rosenbrock(x[:1])[0]
+        assert abs(float(mean - common)) < 1e-10 * (1 + abs(float(common))), (point, float(mean), float(common))
+    assert float(rosenbrock(torch.tensor([[1.0, 1.0]], dtype=torch.float64))[0]) == 0.0
+
+
+def test_worker_gradients_differ_for_positive_heterogeneity():
+    """The run's per-worker gradient is the gradient of f_m; workers at one point get different ones
+    for H > 0 and identical ones for H = 0."""
+    import torch
+
+    workers = 8
+    x = torch.tensor([0.5, -0.2], dtype=torch.float64).repeat(workers, 1).requires_grad_(True)
+    for h in (0.0, 1.0):
+        shifts = worker_shifts(workers, h)
+        (g,) = torch.autograd.grad(worker_objectives(x, shifts).sum(), x)
+        assert torch.allclose(g, rosenbrock_grad(x.detach()) + shifts)
+        if h == 0:
+            assert torch.equal(g, g[:1].expand_as(g))
+        else:
+            assert (g[1:] - g[0]).norm(dim=1).min() > 0.1  # every worker's gradient differs from worker 0's
+    # in a run without noise, started at the optimum, 8 steps past the last sync: DDP averages the
+    # gradients every step, so the zero-sum shifts cancel and it stays at (1, 1) (to rounding); local
+    # workers follow their own gradients and spread apart, so their mean leaves (1, 1) too
+    base = ToyConfig(workers=8, steps=72, period_x=16, period_u=16, period_v=32, sigma=0.0, start=(1.0, 1.0))
+    het = ToyConfig(**{**base.__dict__, "heterogeneity": 1.0})
+    assert max(run_method(het, "ddp")["distance"]) < 1e-12
+    assert run_method(base, "local-adam")["worker_spread"] == 0.0
+    assert run_method(base, "local-adam")["final_distance"] == 0.0
+    res = run_method(het, "local-adam")
+    assert res["worker_spread"] > 0.01 and res["final_distance"] > 1e-3
+
+
+@pytest.mark.parametrize("value,fragment", [
+    (-1.0, "toy heterogeneity (--heterogeneity) must be >= 0, got -1"),
+    (float("nan"), "toy heterogeneity (--heterogeneity) must be a finite number"),
+    (float("inf"), "toy heterogeneity (--heterogeneity) must be a finite number"),
+    ("0.3", "toy heterogeneity (--heterogeneity) must be a number"),
+])
+def test_heterogeneity_must_be_finite_and_non_negative(value, fragment):
+    from desloc.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        ToyConfig(heterogeneity=value)
+    assert fragment in str(info.value) and "--heterogeneity 0.3" in str(info.value)
+    with pytest.raises(ConfigError, match=r"heterogeneity \(--heterogeneity\) 0.5 needs at least 2 workers, got 1"):
+        ToyConfig(workers=1, heterogeneity=0.5)
+    ToyConfig(workers=1, heterogeneity=0.0)  # one i.i.d. worker is still fine
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--heterogeneity", "-0.5"], "toy heterogeneity (--heterogeneity) must be >= 0, got -0.5"),
+    (["--heterogeneity", "nan"], "must be a finite number, got nan"),
+    (["--heterogeneity", "inf"], "must be a finite number, got inf"),
+    (["--heterogeneity", "1", "--workers", "1"], "needs at least 2 workers"),
+])
+def test_cli_refuses_bad_heterogeneity(flags, fragment, tmp_path, capsys):
+    from _cli_helpers import error_line
+
+    line = error_line(capsys, ["toy", "--steps", "4", "--workers", "2", *flags, "--out", str(tmp_path / "toy")])
+    assert fragment in line and "--heterogeneity" in line
+    assert not (tmp_path / "toy").exists()
+
+
+def test_cli_heterogeneity_reaches_the_record(tmp_path, capsys):
+    from desloc.cli import main
+
+    out = tmp_path / "run"
+    assert main(["toy", "--json", "--workers", "4", "--steps", "32", "--kx", "8",
+                 "--methods", "ddp,keep-states", "--heterogeneity", "0.5", "--out", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["config"]["heterogeneity"] == 0.5
+    assert json.loads((out / "config.json").read_text())["heterogeneity"] == 0.5

@@ -8,6 +8,30 @@ The paper's settings are M = 256, sigma = 1.5, DES-LOC (K_x, K_u, K_v) = (192, 1
 Local Adam K = 192. Its learning rate, betas, start point and step count are not published;
 ours (``ToyConfig`` defaults) were chosen by measurement so the whole run takes well under a
 minute on 2 CPU cores -- see the README for what they produce.
+
+Heterogeneous workers (``heterogeneity`` H, ``--heterogeneity``). With i.i.d. noise every
+worker minimises the same f, so their Adam states are statistically alike. H > 0 gives each
+worker its own objective, f plus a linear term:
+
+    f_m(x) = f(x) + <a_m, x>,   a_m = H d_m,   d_m = (cos 2 pi m / M, sin 2 pi m / M)
+    worker m, step t:  g^m = grad f(x^m) + a_m + sigma * xi^{m,t}
+
+The d_m are the M-th roots of unity: unit directions, fixed (the same for every seed), that sum
+to zero for M >= 2 (exactly in floating point for even M, where d_{m + M/2} = -d_m is stored as
+the negation; to rounding, ~1e-16, for odd M). H is the size of the per-worker gradient bias, in
+the units of grad f.
+
+The global optimum is unchanged. Proof: the mean objective is
+(1/M) sum_m f_m(x) = f(x) + <(1/M) sum_m a_m, x> = f(x) + <(H/M) sum_m d_m, x> = f(x)
+for every x, since sum_m d_m = 0. So the problem the workers solve together is exactly the
+Rosenbrock function, with its unique minimiser (1, 1) and minimum 0, whatever H; only each
+worker's own minimiser moves (for small H, by -Hess^{-1} a_m to first order: up to ~2.5 H,
+along the valley, where Hess f(1, 1)'s small eigenvalue is 0.40). M = 1 cannot have zero-sum
+shifts, so H > 0 needs M >= 2. H = 0 adds nothing: the run is today's toy bit for bit.
+Caveat for H > 1: along the valley x2 = x1^2 the linear term's x2 part, H sin(2 pi m / M) x1^2,
+outweighs the (1 - x1)^2 that f keeps there when H sin(2 pi m / M) < -1, so those workers' own
+objectives are unbounded below (the mean objective is not); between syncs they drift along the
+valley. What H does to each method: ``benchmarks/toy_heterogeneity.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +53,30 @@ from desloc.records import atomic_write_bytes, atomic_write_json, dumps, save_fi
 OPTIMUM = (1.0, 1.0)
 MAX_TOY_WORKERS = 1_000_000  # one row of a [M, 2] float64 tensor each
 DEFAULT_METHODS = ("ddp", "local-adam", "desloc", "keep-states", "reset-states")
+
+
+def rosenbrock(x: torch.Tensor) -> torch.Tensor:
+    """f at every row of ``x`` ([M, 2]); the common objective and the mean of the workers' ones."""
+    x1, x2 = x[:, 0], x[:, 1]
+    return (1.0 - x1) ** 2 + 100.0 * (x2 - x1 * x1) ** 2
+
+
+def worker_shifts(workers: int, heterogeneity: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The linear terms a_m = H d_m ([M, 2]) of the workers' objectives (module doc): d_m the M-th
+    roots of unity, so sum_m a_m = 0 (exactly for even M) and the mean objective is f itself."""
+    if heterogeneity != 0 and workers < 2:
+        raise ConfigError(f"toy heterogeneity (--heterogeneity) {heterogeneity:g} needs at least 2 workers, got "
+                          f"{workers} (one worker's shift cannot sum to zero); use --workers 256 or --heterogeneity 0")
+    angle = torch.arange(workers, dtype=torch.float64) * (2 * math.pi / workers)
+    d = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    if workers % 2 == 0:  # d_{m + M/2} = -d_m exactly, so the sum is exactly zero
+        d[workers // 2 :] = -d[: workers // 2]
+    return (heterogeneity * d).to(dtype)
+
+
+def worker_objectives(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """f_m(x^m) = f(x^m) + <a_m, x^m> for every worker (row) m; ``shifts`` from :func:`worker_shifts`."""
+    return rosenbrock(x) + (shifts * x).sum(1)
 
 
 def rosenbrock_grad(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +106,7 @@ class ToyConfig:
     tail_rounds: int = 5  # rounds over which oscillation is measured
     mt_betas: tuple[float, ...] = (0.9, 0.99)  # mtdao's momenta (Adam flavour, beta2 as above)
     mt_omegas: tuple[float, ...] = (0.45, 0.45)
+    heterogeneity: float = 0.0  # H: worker m minimises f + <H d_m, x> (module doc); 0 = i.i.d. workers
 
     def __post_init__(self) -> None:
         """Every field is checked here, before anything runs: the numbers, and the method and inner
@@ -67,6 +116,9 @@ class ToyConfig:
         check_int("toy seed (--seed)", self.seed, 0, 2**63 - 1, "--seed 0")
         check_int("toy tail_rounds", self.tail_rounds, 1, example="tail_rounds=5")
         check_range("toy sigma (--sigma, gradient noise std)", self.sigma, 0, example="--sigma 1.5")
+        check_range("toy heterogeneity (--heterogeneity)", self.heterogeneity, 0, example="--heterogeneity 0.3")
+        if self.heterogeneity != 0:
+            worker_shifts(self.workers, self.heterogeneity)  # raises for one worker
         check_range("toy lr (--lr)", self.lr, 0, low_open=True, example="--lr 0.05")
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
             check_range(f"toy {name} (--{name})", beta, 0, example=f"--{name} 0.9")
@@ -106,6 +158,7 @@ def run_method(cfg: ToyConfig, name: str) -> dict[str, Any]:
     """Run one method; returns its trajectory of the worker-mean's distance to (1, 1)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.tensor(cfg.start, dtype=torch.float64).repeat(cfg.workers, 1)
+    shifts = worker_shifts(cfg.workers, cfg.heterogeneity) if cfg.heterogeneity != 0 else None
     comm = SimulatedComm(cfg.workers)
     inner_cfg = cfg.inner_config(name)
     opt = build_method(cfg.method_config(name), inner_cfg.build([x]), comm, inner_cfg.state_roles())
@@ -115,6 +168,8 @@ def run_method(cfg: ToyConfig, name: str) -> dict[str, Any]:
     for _ in range(cfg.steps):
         noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         x.grad = rosenbrock_grad(x) + cfg.sigma * noise
+        if shifts is not None:  # H = 0 skips this, so the run is the i.i.d. toy bit for bit
+            x.grad += shifts
         opt.step()
         distance.append(float((x.mean(0) - optimum).norm()))
     wall = time.perf_counter() - t0
@@ -165,7 +220,8 @@ def plot_toy(record: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("||mean_m x^m - (1, 1)||")
-    ax.set_title(f"Noisy Rosenbrock, M={cfg['workers']}, sigma={cfg['sigma']}, Adam lr={cfg['lr']}")
+    het = f", heterogeneity={cfg['heterogeneity']:g}" if cfg.get("heterogeneity") else ""
+    ax.set_title(f"Noisy Rosenbrock, M={cfg['workers']}, sigma={cfg['sigma']}, Adam lr={cfg['lr']}{het}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -20,6 +20,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                        "a table, a plot and a JSON record.")
     p.add_argument("--workers", "-M", type=int, default=d.workers, help="number of workers M")
     p.add_argument("--sigma", type=float, default=d.sigma, help="gradient noise std")
+    p.add_argument("--heterogeneity", type=float, default=d.heterogeneity,
+                   help="H >= 0: worker m minimises f + <H d_m, x>, d_m unit directions summing to zero, so "
+                   "the mean objective (and its optimum (1, 1)) is unchanged; 0 = i.i.d. workers (default)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--beta1", type=float, default=argparse.SUPPRESS, help=f"Adam's beta1 (default {d.beta1})")
@@ -54,8 +57,8 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     if names <= {"mtdao"} and hasattr(args, "beta1"):
         unused["--beta1"] = "mtdao's momenta are --mt-betas"
     _refuse_unused(unused, f"by every method in --methods ({', '.join(methods)})")
-    cfg = ToyConfig(workers=args.workers, sigma=args.sigma, steps=args.steps, lr=args.lr,
-                    beta1=getattr(args, "beta1", d.beta1), beta2=args.beta2, period_x=args.kx,
+    cfg = ToyConfig(workers=args.workers, sigma=args.sigma, heterogeneity=args.heterogeneity, steps=args.steps,
+                    lr=args.lr, beta1=getattr(args, "beta1", d.beta1), beta2=args.beta2, period_x=args.kx,
                     period_u=getattr(args, "ku", d.period_u), period_v=getattr(args, "kv", d.period_v),
                     seed=args.seed, mt_betas=tuple(getattr(args, "mt_betas", d.mt_betas)),
                     mt_omegas=tuple(getattr(args, "mt_omegas", d.mt_omegas)), methods=methods)
