@@ -38,7 +38,11 @@ with the same model (tiny), steps (96), batch, seed, data, so the same tokens:
 
     ddp | local-adam K=16 | desloc (16, 48, 96) --no-overlap (blocking) | desloc (16, 48, 96)
     (the library default: overlapped state syncs) | desloc (16, 48, 96) --param-delay 4 |
-    diloco H=16
+    diloco H=16 | desloc (16, 48, 96) --stream | desloc (16, 48, 96) --stream --compress int8
+
+The two stream arms pass `--network <this rate's link>` (the host's measured rate for `unlimited`)
+and `--step-time <compute-only median / steps>`, so `--stream` sizes fragments and delays for the
+link it runs on (the choice is in each run's record: `stream`, and `method` = the resolved config).
 
 Each arm: 4 processes `ip netns exec <ns_i> env GLOO_SOCKET_IFNAME=<veth_i> OMP_NUM_THREADS=1
 torchrun --nnodes 4 --node-rank i --nproc-per-node 1 --master-addr 10.213.0.1 --master-port
@@ -529,6 +533,12 @@ def make_arms(a: argparse.Namespace, help_text: str) -> list[Arm]:
         Arm(f"desloc-delay{a.param_delay}", ["--method", "desloc", *periods, "--param-delay", str(a.param_delay)],
             needs="--param-delay"),
         Arm("diloco", ["--method", "diloco", "--kx", str(a.h)]),
+        # issue 20: --stream picks fragments and delays from the link ({network}: this rate's nominal link, the
+        # host's measured rate for `unlimited`) and the measured compute-only step ({step_time})
+        Arm("desloc-stream", ["--method", "desloc", *periods, "--stream", "--network", "{network}",
+                              "--step-time", "{step_time}"], needs="--stream"),
+        Arm("desloc-stream-int8", ["--method", "desloc", *periods, "--stream", "--compress", "int8",
+                                   "--network", "{network}", "--step-time", "{step_time}"], needs="--compress"),
     ]
     if a.arms:
         wanted = a.arms.split(",")
@@ -566,15 +576,18 @@ def desloc_cmd(args: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ runs
-def timed_run(net: SlowNetwork, a: argparse.Namespace, arm: Arm, rundir: Path) -> dict[str, Any]:
-    """One arm at the network's current rate: 4 torchruns, one per namespace, one shared --out."""
+def timed_run(net: SlowNetwork, a: argparse.Namespace, arm: Arm, rundir: Path,
+              subs: dict[str, str] | None = None) -> dict[str, Any]:
+    """One arm at the network's current rate: 4 torchruns, one per namespace, one shared --out.
+    ``subs`` fills the arm's placeholders ({network}, {step_time})."""
     shutil.rmtree(rundir, ignore_errors=True)
     rundir.mkdir(parents=True)
     out = rundir / "out"
     port = str(next_port())
     procs, logs, argvs = [], [], []
     train_args = ["--backend", "gloo", "--workers", str(net.world_size), "--out", str(out), "--overwrite",
-                  "--timeout", str(a.collective_timeout), *common_args(a), *arm.args]
+                  "--timeout", str(a.collective_timeout), *common_args(a),
+                  *[x.format(**subs) if subs else x for x in arm.args]]
     t0 = time.perf_counter()
     for i in range(net.world_size):
         argv = net.exec_prefix(i) + [
@@ -601,6 +614,12 @@ def timed_run(net: SlowNetwork, a: argparse.Namespace, arm: Arm, rundir: Path) -
         "tokens": summary.get("tokens") if summary else None,
         "command_rank0": " ".join(argvs[0]),
     }
+    try:  # the method as the run resolved it (--stream's choice included): what the prediction replays
+        rec["method"] = json.loads((out / "config.json").read_text())["method"]
+    except (OSError, ValueError, KeyError):
+        rec["method"] = None
+    if summary and summary.get("stream"):
+        rec["stream"] = summary["stream"]
     if error is not None:
         rec["error"] = error
         rec["log_tails"] = {f"rank{i}": tail(lg) for i, (lg, p) in enumerate(zip(logs, procs))
@@ -660,7 +679,8 @@ def network_spec(bps: float, latency_s: float) -> str:
     return f"{max(1, round(bps / 1e3))}kbit:{round(latency_s * 1e6)}us"
 
 
-def replay_modeled_time(arm: Arm, a: argparse.Namespace, n_params: int, step_time: float, spec: str) -> float:
+def replay_modeled_time(arm: Arm, a: argparse.Namespace, n_params: int, step_time: float, spec: str,
+                        method: dict[str, Any] | None = None) -> float:
     """The time model's prediction for an arm: desloc's own VirtualClock driven by the method's
     own syncs (the optimizer, schedule and communicator of `desloc train`), with one flat
     parameter of the model's size and zero gradients -- the clock sees only bytes per call, so
@@ -681,10 +701,12 @@ def replay_modeled_time(arm: Arm, a: argparse.Namespace, n_params: int, step_tim
             fields[names[flag]] = value if flag == "--method" else int(value)
     if fields["name"] == "ddp":
         fields.pop("overlap")
+    if method is not None:  # the run's own resolved method config (config.json)
+        fields = {k: v for k, v in method.items() if k != "stream"}
     cfg = MethodConfig(**fields)
     x = torch.zeros(a.world_size, n_params)
     icfg = InnerConfig("adamw")
-    opt = build_method(cfg, icfg.build([x]), SimulatedComm(a.world_size), icfg.state_roles())
+    opt = build_method(cfg, icfg.build([x]), SimulatedComm(a.world_size), icfg.state_roles(), total_steps=a.steps)
     clock = VirtualClock(TimeModel(profile(spec), step_time, a.world_size))
     opt.comm.add_listener(clock)
     grad = torch.zeros_like(x)
@@ -697,20 +719,18 @@ def replay_modeled_time(arm: Arm, a: argparse.Namespace, n_params: int, step_tim
     return clock.now
 
 
-def predictions(a: argparse.Namespace, arms: list[Arm], specs: dict[str, str], step_time: float,
-                n_params: int) -> dict[tuple[str, str], dict[str, Any]]:
-    """Modeled time of each (arm, network spec) (:func:`replay_modeled_time`)."""
-    results: dict[tuple[str, str], dict[str, Any]] = {}
-    for arm in arms:
-        if arm.skipped:
-            continue
-        for spec in sorted(set(specs.values())):
-            try:
-                results[(arm.name, spec)] = {"modeled_time_s": replay_modeled_time(arm, a, n_params, step_time, spec)}
-            except Exception as exc:  # noqa: BLE001 - recorded, the other predictions go on
-                results[(arm.name, spec)] = {"modeled_time_s": None, "error": repr(exc)}
-            log(f"prediction {arm.name} @ {spec}: {results[(arm.name, spec)]['modeled_time_s']}")
-    return results
+def predict(a: argparse.Namespace, arm: Arm, spec: str, step_time: float, n_params: int,
+            method: dict[str, Any] | None, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Modeled time of an arm's run (its resolved method, when recorded) on network ``spec``
+    (:func:`replay_modeled_time`), computed once per distinct (method, spec)."""
+    key = json.dumps([arm.name if method is None else method, spec], sort_keys=True)
+    if key not in cache:
+        try:
+            cache[key] = {"modeled_time_s": replay_modeled_time(arm, a, n_params, step_time, spec, method)}
+        except Exception as exc:  # noqa: BLE001 - recorded, the other predictions go on
+            cache[key] = {"modeled_time_s": None, "error": repr(exc)}
+        log(f"prediction {arm.name} @ {spec}: {cache[key]['modeled_time_s']}")
+    return cache[key]
 
 
 # --------------------------------------------------------------------------------- report
@@ -883,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"rtt {rtt * 1e6:.0f} us; host all-reduce of {param_bytes / 1e6:.2f} MB: {t_ar * 1e3:.1f} ms "
                 f"= {host_bps / 1e9:.2f} Gbit/s per link (ring)")
             qdisc_shown = {}
+            stream_net = {r: network_spec(rate_bps(r) if r != UNLIMITED else host_bps, rtt / 2) for r in a.rate_list}
             for rep in range(a.reps):
                 order = live_arms if rep % 2 == 0 else live_arms[::-1]
                 for rate in a.rate_list:
@@ -890,7 +911,8 @@ def main(argv: list[str] | None = None) -> int:
                     qdisc_shown[rate] = net.qdiscs(0)
                     for arm in order:
                         t0 = time.perf_counter()
-                        res = timed_run(net, a, arm, workdir / "runs" / rate / arm.name)
+                        res = timed_run(net, a, arm, workdir / "runs" / rate / arm.name,
+                                        {"network": stream_net[rate], "step_time": f"{compute['median_s'] / a.steps:.4f}"})
                         row = rows[rate].setdefault(arm.name, {"args": arm.args, "reps": []})
                         row["reps"].append(res)
                         log(f"rate {rate:>9} arm {arm.name:<16} rep {rep}: "
@@ -903,16 +925,16 @@ def main(argv: list[str] | None = None) -> int:
         specs_cal = {r: network_spec(min(rate_bps(r), host_bps) if r != UNLIMITED else host_bps, latency)
                      for r in a.rate_list}
         step_time = compute["median_s"] / a.steps
-        preds = (predictions(a, live_arms, {**{f"n{k}": v for k, v in specs_nom.items()},
-                                            **{f"c{k}": v for k, v in specs_cal.items()}}, step_time,
-                             compute["params"])
-                 if custom_ok else {})
+        cache: dict[str, dict[str, Any]] = {}
+        by_name = {arm.name: arm for arm in live_arms}
         for rate, per_arm in rows.items():
             for arm_name, row in per_arm.items():
+                method = next((r.get("method") for r in row["reps"] if r.get("ok") and r.get("method")), None)
                 for kind, specs in (("nominal", specs_nom), ("calibrated", specs_cal)):
                     spec = specs.get(rate)
                     row[f"network_{kind}"] = spec
-                    pr = preds.get((arm_name, spec)) if spec else None
+                    pr = (predict(a, by_name[arm_name], spec, step_time, compute["params"], method, cache)
+                          if spec and custom_ok else None)
                     row[f"predicted_{kind}_s"] = pr["modeled_time_s"] if pr else None
                     if pr and pr.get("error"):
                         row[f"prediction_{kind}_error_log"] = pr["error"]

@@ -73,7 +73,8 @@ BASE = {"train": ["train", "--out", "{out}"], "compare": ["compare", "--out", "{
         "toy": ["toy", "--out", "{out}"], "plan": ["plan"], "wallclock": ["wallclock"],
         "ft-lighthouse": ["ft-lighthouse"]}
 # values that are in range for a flag (so not refused); every other sweep value must be
-IN_RANGE = {"0": {"--weight-decay", "--beta1", "--beta2", "--param-delay", "--warmup", "--min-lr-ratio", "--seed",
+IN_RANGE = {"0": {"--weight-decay", "--beta1", "--beta2", "--param-delay", "--state-delay", "--fragment-alpha",
+                  "--warmup", "--min-lr-ratio", "--seed",
                   "--step-time", "--sigma", "--heterogeneity", "--latency-ms", "--gossip-seed", "--mt-betas"},
             "-1": set()}
 

@@ -74,6 +74,17 @@ def _assert_equal(a: Any, b: Any, where: str) -> None:
         assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
+def train_in_stops(cfg: TrainConfig, out: Path, stops: tuple[int, ...]) -> dict[str, Any]:
+    """Train ``cfg`` into ``out`` stopped after each step of ``stops`` and resumed each time in a
+    fresh session, then to the end; returns the last summary."""
+    done = 0
+    for stop in stops:
+        partial = train(cfg, out, resume=done > 0, stop_after=stop - done, progress=False)
+        assert partial["status"] == "partial" and RunDir(out).latest_step() == stop
+        done = stop
+    return train(cfg, out, resume=True, progress=False)
+
+
 def _last_checkpoint(out: Path) -> dict[str, Any]:
     ckpt = RunDir(out).load_checkpoint(0)
     assert ckpt["step"] == STEPS
@@ -89,12 +100,7 @@ def test_resume_is_bitwise_for_events_join_states_and_param_delay(tmp_path, even
     cfg = _config(EVENTS[events], join, delay)
     straight = train(cfg, tmp_path / "straight", progress=False)
     chained = tmp_path / "chained"
-    done = 0
-    for stop in STOPS:
-        partial = train(cfg, chained, resume=done > 0, stop_after=stop - done, progress=False)
-        assert partial["status"] == "partial" and RunDir(chained).latest_step() == stop
-        done = stop
-    resumed = train(cfg, chained, resume=True, progress=False)
+    resumed = train_in_stops(cfg, chained, STOPS)
     _assert_equal(_last_checkpoint(tmp_path / "straight"), _last_checkpoint(chained), f"{events}/{join}/delay{delay}")
     for key in SUMMARY_NUMBERS:
         assert resumed[key] == straight[key], f"summary {key}: {resumed[key]!r} vs {straight[key]!r}"

@@ -215,3 +215,143 @@ def test_pure_functions_raise_config_errors():
         parse_size("-1b")
     with pytest.raises(ConfigError, match="unknown method"):
         schedule("gasloc", 1, 1, 1)
+
+
+# ------------------------------------------------------------------------------- --compress
+# Wire sizes by hand (desloc.comm.codecs' table, 64-element blocks, one float32 scale per block):
+# int8 n + 4 ceil(n/64), int4 ceil(n/2) + 4 ceil(n/64), bf16 2n, topk:F 8 ceil(F n).
+def _hand_nbytes(codec: str, n: int) -> int:
+    blocks = -(-n // 64)
+    return {"int8": n + 4 * blocks, "int4": -(-n // 2) + 4 * blocks, "bf16": 2 * n,
+            "topk:0.01": 8 * -(-n // 100)}[codec]
+
+
+PAPER_SPEC = "params=int4,exp_avg=int8,exp_avg_sq=int8"
+
+
+def _hand_sync_bytes(codec, n, m):
+    """What one worker's compressed sync carries: M >= 3, M chunks of ceil(n / M) elements encoded (the
+    two-half compressed all-reduce); M = 2, the one payload."""
+    return m * _hand_nbytes(codec, -(-n // m)) if m >= 3 else _hand_nbytes(codec, n)
+
+
+def test_compressed_desloc_at_the_paper_periods_by_hand(capsys):
+    """7b, fp32 on the wire, params int4 / states int8 at 256/768/1536, M = 16: each compressed tag is the
+    two-half compressed all-reduce of its 16 encoded chunks (p_j = 16 nbytes(N / 16)), priced as a ring
+    all-reduce of p_j; about 936x fewer bytes than fp32 DDP (98304/105 without the chunks' extra scales)."""
+    record = run_json(capsys, "wallclock", "--models", "7b", "--bytes-per-param", "4", "--compress", PAPER_SPEC)
+    by = {r["method"]: r for r in record["rows"]}
+    n, m = 7 * 10**9, 16
+    assert record["compression"] == {"params": "int4", "exp_avg": "int8", "exp_avg_sq": "int8"}
+    desloc = by["desloc"]
+    assert desloc["compression"] == record["compression"]
+    p = {tag: _hand_sync_bytes(codec, n, m) for tag, codec in record["compression"].items()}
+    assert desloc["bytes_per_step"] == pytest.approx(p["params"] / 256 + p["exp_avg"] / 768 + p["exp_avg_sq"] / 1536,
+                                                     rel=1e-12)
+    assert desloc["bytes_ratio_vs_ddp"] == pytest.approx(4 * n / desloc["bytes_per_step"], rel=1e-12)
+    assert desloc["bytes_ratio_vs_ddp"] >= 900 and abs(desloc["bytes_ratio_vs_ddp"] - 98304 / 105) < 0.01
+    # time: c = 6 N (B/M) / (G P MFU); ddp T = 2*15 alpha + 2*15/16 * 4N / W; C_j = 2*15 alpha + 2*15/16 p_j / W
+    w, alpha = 100e9 / 8, 1e-5
+    c = 6 * n * (4_194_304 / 16) / (8 * 989e12 * 0.4)
+    t_ddp = 30 * alpha + 30 / 16 * 4 * n / w
+    a = {tag: 30 * alpha + 30 / 16 * p[tag] / w for tag in p}
+    comm = a["params"] / 256 + a["exp_avg"] / 768 + a["exp_avg_sq"] / 1536
+    assert desloc["sync_s_by_tag"] == pytest.approx(a, rel=1e-12)
+    assert desloc["comm_per_step_s"] == pytest.approx(comm, rel=1e-12)
+    assert desloc["speedup_vs_ddp"] == pytest.approx((c + t_ddp) / (c + comm), rel=1e-12)
+    assert desloc["total_time_s"] == pytest.approx(15360 * c + 60 * a["params"] + 20 * a["exp_avg"]
+                                                   + 10 * a["exp_avg_sq"], rel=1e-12)
+    # ddp is not named (no grads, no bare codec): the uncompressed reference; reset-states takes no --compress;
+    # mtdao's momenta are exp_avg_0/1, not exp_avg
+    assert by["ddp"]["compression"] == {} and by["ddp"]["speedup_vs_ddp"] == 1 and by["ddp"]["bytes_ratio_vs_ddp"] == 1
+    assert by["reset-states"]["compression"] == {} and by["reset-states"]["bytes_ratio_vs_ddp"] == 256
+    assert by["mtdao"]["compression"] == {"params": "int4", "exp_avg_sq": "int8"}
+    assert by["keep-states"]["bytes_ratio_vs_ddp"] == pytest.approx(4 * n * 256 / p["params"])
+    assert record["sensitivity"]["base_speedup"] == pytest.approx(desloc["speedup_vs_ddp"], rel=1e-12)
+
+
+@pytest.mark.parametrize("codec, p", [("int8", 1_062_500_000), ("int4", 562_500_000), ("bf16", 2_000_000_000),
+                                      ("topk:0.01", 80_000_000)])
+def test_compressed_row_by_hand_for_four_workers(capsys, codec, p):
+    """M = 4, N = 1e9 (chunks of 2.5e8, a multiple of the 64-element block: p as for one buffer),
+    16 Gb/s (2e9 B/s), alpha 1 ms, c = 0.1 s. A bare codec compresses every tag, ddp's gradient too (the
+    reference stays uncompressed DDP): compressed C = 6 alpha + 2 * 3/4 p / W; all-reduce
+    T = 6 alpha + 2 * 3/4 * 2e9 / 2e9 = 1.506 s."""
+    assert _hand_nbytes(codec, 10**9) == p == _hand_sync_bytes(codec, 10**9, 4)
+    record = run_json(capsys, "wallclock", "--models", "1b", "--workers", "4",
+                      "--gpus-per-worker", "1", "--peak-tflops", "60", "--mfu", "1", "--batch-tokens", "4000",
+                      "--seq-len", "1000", "--bandwidth-gbps", "16", "--latency-ms", "1", "--profiles", "free",
+                      "--kx", "2", "--ku", "6", "--kv", "12", "--steps", "12", "--compress", codec)
+    rows = {r["method"]: r for r in record["rows"] if r["profile"] == "custom"}
+    a, t, c = 6e-3 + 1.5 * p / 2e9, 6e-3 + 1.5, 0.1
+    ks = rows["keep-states"]
+    assert ks["compute_s"] == pytest.approx(c) and ks["allreduce_s"] == pytest.approx(t)
+    assert ks["compression"] == {"params": record["compression"]["*"]}
+    assert ks["sync_s_by_tag"] == {"params": pytest.approx(a)}
+    assert ks["time_per_step_s"] == pytest.approx(c + a / 2)
+    assert ks["total_time_s"] == pytest.approx(12 * c + 6 * a)
+    assert ks["bytes_per_step"] == pytest.approx(p / 2)
+    assert ks["bytes_ratio_vs_ddp"] == pytest.approx(2e9 / (p / 2))
+    assert ks["speedup_vs_ddp"] == pytest.approx((c + t) / (c + a / 2))
+    ddp = rows["ddp"]  # compressed DDP against uncompressed DDP
+    assert ddp["compression"] == {"grads": record["compression"]["*"]}
+    assert ddp["time_per_step_s"] == pytest.approx(c + a) and ddp["total_time_s"] == pytest.approx(12 * (c + a))
+    assert ddp["speedup_vs_ddp"] == pytest.approx((c + t) / (c + a))
+    assert ddp["bytes_ratio_vs_ddp"] == pytest.approx(2e9 / p)
+    # fewer bytes is less time: the same collective shape as the all-reduce, on p instead of N b (bf16 at
+    # b = 2: the same bytes, the same time)
+    assert (ddp["speedup_vs_ddp"] > 1) == (p < 2 * 10**9) == (codec != "bf16")
+    rs = rows["reset-states"]  # takes no --compress: priced as without it
+    assert rs["compression"] == {} and rs["time_per_step_s"] == pytest.approx(c + t / 2)
+    for row in record["rows"]:
+        if row["profile"] == "free":
+            assert row["time_per_step_s"] == row["compute_s"]
+
+
+def test_two_workers_compress_with_an_all_gather(capsys):
+    """M = 2: the compressed sync is an all-gather of the one payload, alpha + p / W (the same bytes as
+    the two halves; exact)."""
+    record = run_json(capsys, "wallclock", "--models", "1b", "--workers", "2", "--bandwidth-gbps", "16",
+                      "--latency-ms", "1", "--kx", "2", "--ku", "6", "--kv", "12", "--compress", "int8")
+    ks = next(r for r in record["rows"] if r["profile"] == "custom" and r["method"] == "keep-states")
+    assert ks["sync_s_by_tag"]["params"] == pytest.approx(1e-3 + 1_062_500_000 / 2e9)
+
+
+def test_no_compress_is_unchanged(capsys):
+    """No --compress, --compress none and a spec that compresses nothing print the same numbers;
+    only a given spec adds the ``compression`` keys."""
+    argv = ["wallclock", "--models", "1b,7b", "--profiles", "datacenter,home", "--kx", "16", "--ku", "48",
+            "--kv", "96"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert main(argv + ["--compress", "none"]) == 0
+    assert capsys.readouterr().out == text and "compressed" not in text
+    plain = run_json(capsys, *argv)
+    assert "compression" not in plain and all("compression" not in r for r in plain["rows"])
+    assert run_json(capsys, *argv, "--compress", "none") == plain
+    named = run_json(capsys, *argv, "--compress", "params=none,exp_avg=none")
+    assert named["compression"] == {"params": "none", "exp_avg": "none"}
+    assert [{k: v for k, v in r.items() if k != "compression"} for r in named["rows"]] == plain["rows"]
+    assert all(r["compression"] == {} for r in named["rows"])
+
+
+def test_compressed_human_output_names_codecs_and_the_reference(capsys):
+    assert main(["wallclock", "--models", "7b", "--compress", PAPER_SPEC]) == 0
+    out = capsys.readouterr().out
+    for text in ("compressed", "params=int4,exp_avg=int8,exp_avg_sq=int8", "all-gather", "uncompressed DDP",
+                 "reset-states takes no --compress", "2 (M-1)/M p / W"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("momentum=int8", "'momentum'"),
+    ("params=int4,exp_avg=int8,v=int8", "'v'"),
+    ("int3", "'int3'"),
+    ("params=topk:2", "topk"),
+    ("params=int8,params=int4", "twice"),
+    ("params=", "TAG=CODEC"),
+])
+def test_bad_compress_is_a_one_line_error(capsys, spec, needle):
+    assert main(["wallclock", "--compress", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("desloc: error:") and err.count("\n") == 1 and needle in err and "--compress" in err, err

@@ -125,6 +125,50 @@ class TrainConfig:
                                   "time before the first step is measured; give --step-time SECONDS or explicit "
                                   "--local-steps, e.g. 32,32,32,8")
         self._check_sync_happens()
+        self._check_fast_syncs()
+        self._resolve_stream()
+
+    def _fast_syncs(self) -> list[str]:
+        """The fast-sync flags this run sets (for the refusals of --ft / --shard / --events)."""
+        m = self.method
+        on = {"--fragments": m.fragments != 1, "--state-delay": m.state_delay != 0,
+              "--fragment-alpha": m.fragment_alpha != 0, "--compress": m.compression is not None, "--stream": m.stream}
+        return [flag for flag, v in on.items() if v]
+
+    def _check_fast_syncs(self) -> None:
+        flags = self._fast_syncs()
+        if not flags:
+            return
+        refuse = None
+        if self.ft is not None:
+            refuse = ("--ft heals a worker from a peer between whole steps; fragments, delayed and compressed "
+                      "averages keep state across steps that a healed worker could not receive")
+        elif self.shard != 1:
+            refuse = ("--shard: FSDP2 owns the parameters of a replica group and its communicator has no "
+                      "all-gather of encoded payloads; streamed and compressed syncs run unsharded")
+        elif self.events:
+            refuse = ("--events changes the workers mid-run, while fragments, delayed averages and the shared "
+                      "values of compressed syncs assume the same workers throughout")
+        if refuse:
+            raise ConfigError(f"{', '.join(flags)}: {refuse}; drop {' / '.join(flags)}")
+
+    def _resolve_stream(self) -> None:
+        """--stream: fill the fragments and delays left at their defaults by the rule of
+        :mod:`desloc.stream` (idempotent: a config read back from config.json resolves the same)."""
+        self.stream_choice = None
+        if not self.method.stream:
+            return
+        from desloc.model import GPT
+        from desloc.stream import apply_stream, stream_choice
+
+        vocab = 256 if self.data.tokenizer == "byte" else self.data.vocab_size
+        with torch.device("meta"):
+            numel = sum(p.numel() for p in GPT(self.model_config(vocab)).parameters())
+        timed = self.time.network != TimeConfig.network or self.time.step_time_source == "given"
+        model = self.time.model(self.workers, numel, self.batch_size * self.context) if timed else None
+        choice = stream_choice(self.method, self.inner.state_roles(), 4 * numel, numel, model)
+        self.method = apply_stream(self.method, choice)
+        self.stream_choice = choice.record()
 
     def _check_events(self) -> None:
         from desloc.membership import JOIN_POLICIES, check_events, parse_events

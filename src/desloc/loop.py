@@ -91,7 +91,7 @@ def build(cfg: TrainConfig, run: RunDir, engine: Engine | str, device: str | Non
                                                                           param_bytes, method.topology))
     workers = engine.make_workers(model, m)
     inner = cfg.inner.build(workers.parameters())
-    opt = build_method(method, inner, workers.comm, cfg.inner.state_roles())
+    opt = build_method(method, inner, workers.comm, cfg.inner.state_roles(), total_steps=cfg.steps)
     measured = cfg.time.step_time_source == "measured"  # the clock keeps its samples and events (TimeConfig)
     clock = VirtualClock(time_model, measured=[] if measured else None, events=[] if measured else None)
     workers.comm.add_listener(clock)  # the clock hears every call the ledger counts
@@ -257,6 +257,9 @@ def summary(s: Session, steps: int, val_loss: float | None, elapsed: float) -> d
         "ddp_equivalent_bytes": comm["ddp_equivalent_bytes"], "ratio_vs_ddp": comm["ratio_vs_ddp"],
         "wall_time_s": elapsed, "tokens_per_s": s.tokens_through(steps) / max(elapsed, 1e-9),
         "periods": {"x": cfg.method.period_x, "u": cfg.method.period_u, "v": cfg.method.period_v},
+        "fragments": cfg.method.fragments, "state_delay": cfg.method.state_delay,
+        "param_delay": cfg.method.param_delay, "compression": dict(getattr(s.opt, "compression", None) or {}),
+        **({"stream": cfg.stream_choice} if getattr(cfg, "stream_choice", None) else {}),
         **time_summary(s, steps),
         **{k: comm[k] for k in ("bytes_by_link", "bytes_by_worker") if k in comm},
         **s.engine.memory_summary(s.workers),

@@ -12,6 +12,16 @@ the pace of the slowest link::
 
     T_allreduce(n, P) = 2 (M-1) alpha + 2 (M-1)/M * n / min_{w in P} B_w        (0 if M = 1)
 
+A ring all-gather (compressed syncs: every worker receives every worker's encoded payload of n
+bytes, :meth:`desloc.comm.base.Communicator.all_gather_flat`) forwards M-1 payloads of n bytes
+through every link in M-1 latency hops -- an all-reduce is a reduce-scatter plus an all-gather of
+n/M-byte chunks, hence its factor 2 and its 1/M::
+
+    T_allgather(n, P) = (M-1) alpha + (M-1) * n / min_{w in P} B_w                (0 if M = 1)
+
+so gathering a payload of n_c bytes is cheaper than all-reducing the full n bytes when
+n_c / n < 2 / M (and its M-1 latencies against 2(M-1)).
+
 A gossip round (``mix``) is point to point: worker w sends its n bytes to each of its d_w
 out-peers over its own link, ``S_w = d_w n / B_w``, starting when *it* is ready (a worker that
 stopped computing early starts sending early); worker i is done when its own sends and those of
@@ -191,6 +201,15 @@ class TimeModel:
         slowest = min(self.link_bytes_per_s(w) for w in participants)
         return 2 * (m - 1) * self.network.latency_s + 2 * (m - 1) / m * nbytes / slowest
 
+    def all_gather_time(self, nbytes: float, participants: Sequence[int]) -> float:
+        """Ring all-gather of ``nbytes`` per worker: (M-1) alpha + (M-1) n / slowest link (each worker
+        forwards the other M-1 payloads through its uplink, one latency hop each)."""
+        m = len(participants)
+        if m <= 1 or nbytes <= 0:
+            return 0.0
+        slowest = min(self.link_bytes_per_s(w) for w in participants)
+        return (m - 1) * self.network.latency_s + (m - 1) * nbytes / slowest
+
     def send_time(self, worker: int, nbytes: float, n_peers: int) -> float:
         """S_w: the time worker w's link needs to push ``n_peers`` copies of ``nbytes``."""
         return n_peers * nbytes / self.link_bytes_per_s(worker) if n_peers else 0.0
@@ -291,7 +310,8 @@ class VirtualClock:
     """Per-worker clocks advanced by local steps and by the communicator's events.
 
     The network is one shared resource: a collective starts when every participant is ready and
-    the previous collective has left the wire (``link_free``), and lasts ``all_reduce_time``. A
+    the previous collective has left the wire (``link_free``), and lasts ``all_reduce_time`` (an
+all-gather: ``all_gather_time``). A
     blocking collective holds its participants until it ends. One left in flight for k local
     steps (``hidden_steps=k``: an overlapped state sync, k = 1; a delayed parameter sync, k = d)
     lets them compute on; each waits for it after its k-th next local step, so only the part of
@@ -335,7 +355,8 @@ class VirtualClock:
                 if stepped:  # the previous step and its communication are through
                     after.append(clock.now)
                 stepped = True
-            getattr(clock, {"step": "local_step", "all_reduce": "on_all_reduce", "mix": "on_mix"}[kind])(*args)
+            getattr(clock, {"step": "local_step", "all_reduce": "on_all_reduce", "all_gather": "on_all_gather",
+                            "mix": "on_mix"}[kind])(*args)
         if stepped:
             after.append(clock.now)
         return clock, after
@@ -360,8 +381,19 @@ class VirtualClock:
     def on_all_reduce(self, nbytes: int, participants: Sequence[int], hidden_steps: int = 0) -> None:
         if self.events is not None:
             self.events.append(("all_reduce", nbytes, list(participants), hidden_steps))
+        self._collective(self.model.all_reduce_time(nbytes, participants), participants, hidden_steps)
+
+    def on_all_gather(self, nbytes: int, participants: Sequence[int], hidden_steps: int = 0) -> None:
+        """An all-gather of ``nbytes`` per worker (compressed syncs): as :meth:`on_all_reduce`, lasting
+        ``all_gather_time``."""
+        if self.events is not None:
+            self.events.append(("all_gather", nbytes, list(participants), hidden_steps))
+        self._collective(self.model.all_gather_time(nbytes, participants), participants, hidden_steps)
+
+    def _collective(self, duration: float, participants: Sequence[int], hidden_steps: int) -> None:
+        """Starts when every participant is ready and the link is free; blocking or ``hidden_steps`` deferred."""
         start = max([self.link_free] + [self.time[w] for w in participants])
-        end = start + self.model.all_reduce_time(nbytes, participants)
+        end = start + duration
         self.link_free = end
         for w in participants:
             if hidden_steps:

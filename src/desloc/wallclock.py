@@ -27,6 +27,40 @@ per step over one cycle of lcm(periods) steps is exactly ``c + sum_j T / K_j``, 
 periods; the total over S steps counts the syncs exactly: ``S c + sum_j floor(S / K_j) T``.
 Compute and communication are not overlapped (a sync step pays both).
 
+Fragments (``--fragments F`` in training, :class:`~desloc.algorithms.schedule.SyncSchedule`'s
+``fragments``) change *when* a tensor's bytes are sent (fragment f at its own offset inside the
+period), not how many are sent per period: with no overlap the mean per step above, the total and
+the bytes are the same for every F, so the model takes no F.
+
+Compression (``--compress CODEC`` or ``--compress TAG=CODEC,...``, the codecs of
+:mod:`desloc.comm.codecs`; tags as the methods send them: ``params``, ``exp_avg``, ``exp_avg_sq``,
+mtdao's ``exp_avg_0``, ``exp_avg_1``, ..., ddp's ``grads``; a bare codec is every tag the method
+sends). A compressed tag travels as desloc sends it (:mod:`desloc.algorithms.fastsync`): with M >= 3
+workers a compressed all-reduce in two halves -- each worker's message cut into M chunks encoded
+(p = M nbytes_codec(ceil(N / M)): the codec's exact bytes, block scales and top-k indices
+included), a reduce-scatter of the chunks and an all-gather of the reduced ones, the bytes of a
+ring all-reduce of p; with M = 2 an all-gather of p = nbytes_codec(N) (the same bytes)::
+
+    compressed  C = 2 (M-1) alpha + 2 (M-1)/M p / W    (M >= 3)      C = alpha + p / W    (M = 2)
+    time/step     = c + sum_{uncompressed j} T / K_j + sum_{compressed j} C_j / K_j
+    bytes/step    = sum_{uncompressed j} N b / K_j + sum_{compressed j} p_j / K_j   (per worker, sent)
+    bytes ratio   = N b / bytes/step                             (vs uncompressed DDP)
+
+The codecs encode float32, so ``p`` does not depend on b; the uncompressed tags still travel at b.
+``bytes/step`` is the ledger's unit (each worker's message, :mod:`desloc.comm.ledger`). A codec
+saves bandwidth time whenever p < N b (int8 at b = 2 barely: p ~= 17/16 N against 2 N).
+
+DDP, the reference of every ratio and speedup, is always uncompressed DDP; the ddp row itself is
+compressed DDP when ``--compress`` names ``grads`` or gives a bare codec (its ``vs ddp`` is then
+against uncompressed DDP). A method that takes no ``--compress`` (reset-states, which zeroes its
+states at each whole average) is priced uncompressed. When ``--compress`` is given (and is not
+``none``) the record gets the key ``compression`` (the spec as parsed, ``{tag or "*": codec}``) and
+every row gets ``compression`` (``{tag: codec}``, what that row compresses); a row that compresses
+a tag also gets ``sync_s_by_tag`` (seconds of one sync of each tag). Without ``--compress`` every
+output is unchanged. With the paper's periods and ``params=int4,exp_avg=int8,exp_avg_sq=int8``
+DES-LOC sends ``N/16 (9/256 + 17/768 + 17/1536) = 105 N / 24576`` bytes per step (N a multiple
+of 64), ``98304 / 105 = 936.23x`` fewer than fp32 DDP (``--bytes-per-param 4``).
+
 Which assumptions move the answer. Let ``r`` be DDP's communication over its compute::
 
     r = T / c ~= 2 (M-1) b G P MFU / (6 B W)        (N cancels; latency is negligible at 100 Gb/s)
@@ -46,7 +80,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -184,6 +218,16 @@ class Compute:
         """T: one ring all-reduce of a model-sized tensor over all M workers."""
         return self.time_model(params, net).all_reduce_time(params * self.bytes_per_param, range(self.workers))
 
+    def allgather_s(self, params: int, net: NetworkProfile, codec: str) -> float:
+        """C: one compressed sync of a model-sized float32 tensor as desloc sends it: the two-half
+        compressed all-reduce of p bytes (M >= 3), or the all-gather of p (M = 2)."""
+        from desloc.algorithms.fastsync import two_stage
+
+        model, p = self.time_model(params, net), encoded_bytes(codec, params, self.workers)
+        if two_stage(self.workers):
+            return model.all_reduce_time(p, range(self.workers))
+        return model.all_gather_time(p, range(self.workers))
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = asdict(self)
         out.update(tokens_per_worker_step=self.batch_tokens / self.workers,
@@ -201,6 +245,51 @@ ASSUMED = {
     "states": "parameters and every optimizer state travel at the same bytes per parameter",
     "model_sizes": "nominal parameter counts (1b = 1e9)",
 }
+
+
+# -------------------------------------------------------------------------------- compression
+def encoded_bytes(codec: str, params: int, workers: int = 2) -> int:
+    """p: the exact bytes one worker sends for ``params`` float32 values under ``codec`` (scales,
+    indices included; with ``workers`` >= 3 the M encoded chunks of the two-half all-reduce)."""
+    from desloc.algorithms.fastsync import encoded_bytes as sync_bytes
+    from desloc.comm.codecs import get_codec
+
+    return sync_bytes(get_codec(codec), params, workers)
+
+
+def parse_wallclock_compression(spec: str | Mapping[str, str] | None, tags: Sequence[str]) -> dict[str, str]:
+    """``--compress`` as :func:`desloc.comm.codecs.parse_compression` reads it (``{}``: uncompressed),
+    every named tag checked against ``tags`` (what the methods shown send); a ConfigError naming
+    ``--compress`` otherwise."""
+    from desloc.comm.codecs import parse_compression
+
+    if isinstance(spec, Mapping):
+        spec = ",".join([spec["*"]] * ("*" in spec) + [f"{t}={c}" for t, c in spec.items() if t != "*"])
+    try:
+        out = parse_compression(spec)
+    except ConfigError as err:
+        raise ConfigError(f"--compress: {err}") from None
+    unknown = [t for t in out if t != "*" and t not in tags]
+    if unknown:
+        raise ConfigError(f"--compress {spec!r}: unknown tag {unknown[0]!r}; the methods shown send "
+                          f"{', '.join(tags)} (ddp: grads); e.g. --compress params=int4,exp_avg=int8,exp_avg_sq=int8 "
+                          "or a bare codec for every tag (--compress int8)")
+    return out
+
+
+def row_codecs(method: str, sched: Sequence[tuple[str, int]], spec: Mapping[str, str] | None) -> dict[str, str]:
+    """``{tag: codec}`` of the tags ``method`` sends compressed under ``spec`` (a tag's own entry, else
+    ``"*"``; ``none`` is uncompressed); ``{}`` for a method that takes no ``--compress`` (reset-states)."""
+    from desloc.algorithms import METHODS as REGISTRY
+
+    if not spec or "compression" not in REGISTRY[method].fields:
+        return {}
+    out = {}
+    for tag, _ in sched:
+        name = spec.get(tag, spec.get("*"))
+        if name is not None and name != "none":
+            out[tag] = name
+    return out
 
 
 # ---------------------------------------------------------------------------------- schedules
@@ -232,19 +321,41 @@ def models_per_step(sched: Sequence[tuple[str, int]]) -> float:
 
 
 def method_time(params: int, sched: Sequence[tuple[str, int]], net: NetworkProfile, compute: Compute,
-                steps: int) -> dict[str, float]:
-    """Compute, mean communication and time per step, and the exact total over ``steps`` steps."""
+                steps: int, codecs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Compute, mean communication and time per step, and the exact total over ``steps`` steps.
+    ``codecs`` (:func:`row_codecs`): the tags all-gathered encoded instead of all-reduced; with
+    any, the result also holds ``sync_s_by_tag`` (seconds of one sync of each tag)."""
     c, t = compute.step_time(params), compute.allreduce_s(params, net)
-    comm = sum(t / k for _, k in sched)
+    if not codecs:
+        comm = sum(t / k for _, k in sched)
+        return {"compute_s": c, "allreduce_s": t, "comm_per_step_s": comm, "time_per_step_s": c + comm,
+                "comm_fraction": comm / (c + comm) if c + comm > 0 else 0.0,
+                "total_time_s": steps * c + sum(steps // k for _, k in sched) * t}
+    cost = {tag: compute.allgather_s(params, net, codecs[tag]) if tag in codecs else t for tag, _ in sched}
+    comm = sum(cost[tag] / k for tag, k in sched)
     return {"compute_s": c, "allreduce_s": t, "comm_per_step_s": comm, "time_per_step_s": c + comm,
             "comm_fraction": comm / (c + comm) if c + comm > 0 else 0.0,
-            "total_time_s": steps * c + sum(steps // k for _, k in sched) * t}
+            "total_time_s": steps * c + sum((steps // k) * cost[tag] for tag, k in sched),
+            "sync_s_by_tag": cost}
+
+
+def bytes_per_step(params: int, sched: Sequence[tuple[str, int]], compute: Compute,
+                   codecs: Mapping[str, str] | None = None) -> float:
+    """Bytes one worker sends per step, on average: N b per uncompressed sync, the encoded payload
+    per compressed one (the ledger's unit)."""
+    if not codecs:
+        return models_per_step(sched) * params * compute.bytes_per_param
+    return sum((encoded_bytes(codecs[tag], params, compute.workers) if tag in codecs else params * compute.bytes_per_param) / k
+               for tag, k in sched)
 
 
 def wallclock_rows(models: dict[str, int], profiles: Sequence[NetworkProfile], compute: Compute,
                    periods: tuple[int, int, int], steps: int, momentum_periods: Sequence[int] | None = None,
-                   methods: Sequence[str] = METHODS) -> list[dict[str, Any]]:
-    """One row per (model, profile, method); speedups against DDP on the same model and network."""
+                   methods: Sequence[str] = METHODS,
+                   compression: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per (model, profile, method); speedups and byte ratios against uncompressed DDP on the
+    same model and network. ``compression``: a parsed ``--compress`` spec (:func:`row_codecs` applies
+    it per method); with one, every row gets the key ``compression``."""
     rows = []
     ddp = models_per_step(schedule("ddp", *periods))
     for model, params in models.items():
@@ -252,13 +363,16 @@ def wallclock_rows(models: dict[str, int], profiles: Sequence[NetworkProfile], c
             base = method_time(params, schedule("ddp", *periods), net, compute, steps)["time_per_step_s"]
             for method in methods:
                 sched = schedule(method, *periods, momentum_periods)
-                t = method_time(params, sched, net, compute, steps)
+                codecs = row_codecs(method, sched, compression)
+                t = method_time(params, sched, net, compute, steps, codecs)
                 per_step = models_per_step(sched)
+                sent = bytes_per_step(params, sched, compute, codecs)
                 rows.append({"model": model, "params": params, "method": method, "profile": net.name,
-                             "periods": dict(sched), "models_per_step": per_step,
-                             "bytes_per_step": per_step * params * compute.bytes_per_param,
-                             "bytes_ratio_vs_ddp": ddp / per_step, **t,
-                             "speedup_vs_ddp": base / t["time_per_step_s"]})
+                             "periods": dict(sched), "models_per_step": per_step, "bytes_per_step": sent,
+                             "bytes_ratio_vs_ddp": ddp * params * compute.bytes_per_param / sent if codecs
+                             else ddp / per_step, **t,
+                             "speedup_vs_ddp": base / t["time_per_step_s"],
+                             **({"compression": codecs} if compression else {})})
     return rows
 
 
@@ -274,12 +388,15 @@ def band_ratio(speedup: float, bytes_ratio: float = 256 / 1.5) -> float:
 
 
 def sensitivity(params: int, net: NetworkProfile, compute: Compute, periods: tuple[int, int, int],
-                method: str = "desloc", model: str = "") -> dict[str, Any]:
-    """Speedup of ``method`` over DDP when one assumption is halved or doubled, the rest at base."""
+                method: str = "desloc", model: str = "",
+                compression: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Speedup of ``method`` (compressed as ``compression`` says) over uncompressed DDP when one
+    assumption is halved or doubled, the rest at base."""
 
     def speedup(p: int, n: NetworkProfile, c: Compute, k: tuple[int, int, int]) -> float:
-        t = {m: method_time(p, schedule(m, *k), n, c, 1)["time_per_step_s"] for m in ("ddp", method)}
-        return t["ddp"] / t[method]
+        sched = schedule(method, *k)
+        t = method_time(p, sched, n, c, 1, row_codecs(method, sched, compression))["time_per_step_s"]
+        return method_time(p, schedule("ddp", *k), n, c, 1)["time_per_step_s"] / t
 
     bases = {"workers": compute.workers, "gpus_per_worker": compute.gpus_per_worker,
              "peak_tflops": compute.peak_tflops, "mfu": compute.mfu, "batch_tokens": compute.batch_tokens,
@@ -318,8 +435,11 @@ def _vary(name: str, factor: float, params: int, net: NetworkProfile, compute: C
 # ------------------------------------------------------------------------------------ record
 def wallclock_record(models: dict[str, int] | None = None, profiles: Sequence[NetworkProfile] | None = None,
                      compute: Compute | None = None, periods: tuple[int, int, int] = PAPER_PERIODS,
-                     steps: int = 15360, momentum_periods: Sequence[int] | None = None) -> dict[str, Any]:
-    """The `desloc wallclock --json` record; with no arguments, the DES-LOC paper's setting."""
+                     steps: int = 15360, momentum_periods: Sequence[int] | None = None,
+                     compression: str | Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The `desloc wallclock --json` record; with no arguments, the DES-LOC paper's setting.
+    ``compression``: ``--compress`` (a spec string or ``{tag or "*": codec}``); when it compresses
+    anything the record and its rows get the key ``compression`` (module docstring)."""
     models = models or {m: parse_size(m) for m in PAPER_MODELS}
     profiles = list(profiles or [PROFILES["datacenter"]])
     compute = compute or Compute()
@@ -329,9 +449,11 @@ def wallclock_record(models: dict[str, int] | None = None, profiles: Sequence[Ne
         check_period(f"--momentum-periods[{j}]", k)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"--steps must be an integer >= 1 (the run length for total time), got {steps!r}")
-    rows = wallclock_rows(models, profiles, compute, periods, steps, momentum_periods)
+    tags = list(dict.fromkeys(tag for m in METHODS for tag, _ in schedule(m, *periods, momentum_periods)))
+    spec = parse_wallclock_compression(compression, tags)
+    rows = wallclock_rows(models, profiles, compute, periods, steps, momentum_periods, compression=spec)
     key = "7b" if "7b" in models else next(iter(models))
-    sens = sensitivity(models[key], profiles[0], compute, periods, model=key)
+    sens = sensitivity(models[key], profiles[0], compute, periods, model=key, compression=spec)
     desloc = [r["speedup_vs_ddp"] for r in rows if r["method"] == "desloc" and r["profile"] == profiles[0].name]
     return require_finite({
         "rows": rows,
@@ -339,7 +461,8 @@ def wallclock_record(models: dict[str, int] | None = None, profiles: Sequence[Ne
                         "momentum_periods": list(momentum_periods) if momentum_periods else [periods[1]] * 2,
                         "steps": steps, "models": models,
                         "profiles": {n.name: {"bandwidth_gbps": _number(n.bandwidth_bps / 1e9),
-                                              "latency_ms": n.latency_s * 1e3} for n in profiles}},
+                                              "latency_ms": n.latency_s * 1e3} for n in profiles},
+                        **(_compression_assumptions(spec) if spec else {})},
         "paper": {"claimed_speedup": "1.3x-2.1x", "claimed_range": list(PAPER_CLAIM),
                   "setting": "DES-LOC vs DDP, 1B-13B models, 100 Gb/s links, K_x=256, K_u=768, K_v=1536",
                   "source": "Iacob et al., DES-LOC, arXiv 2505.22549 (a model; its inputs were not published)",
@@ -347,7 +470,29 @@ def wallclock_record(models: dict[str, int] | None = None, profiles: Sequence[Ne
                   "ours_desloc_speedup": [min(desloc), max(desloc)], "ours_profile": profiles[0].name,
                   "ours_within_claim": PAPER_CLAIM[0] <= min(desloc) and max(desloc) <= PAPER_CLAIM[1]},
         "sensitivity": sens,
+        **({"compression": spec} if spec else {}),
     })
+
+
+def _compression_assumptions(spec: Mapping[str, str]) -> dict[str, str]:
+    from desloc.algorithms import METHODS as REGISTRY
+    from desloc.comm.codecs import format_compression
+
+    refused = [m for m in METHODS if "compression" not in REGISTRY[m].fields]
+    return {
+        "compressed_collective": (f"--compress {format_compression(dict(spec))}: a compressed tag is desloc's "
+                                  "compressed all-reduce of its encoded message p (the codec's exact bytes, scales "
+                                  "and indices included): a reduce-scatter of encoded chunks and an all-gather of the "
+                                  "reduced ones, 2 (M-1) alpha + 2 (M-1)/M p / W (M = 2: an all-gather of p)"),
+        "compressed_reference": ("bytes / ddp's and vs ddp are against uncompressed DDP; the ddp row is compressed "
+                                 "DDP when --compress names grads or gives a bare codec; bytes are each worker's "
+                                 "payload (the ledger's unit), not its link traffic"
+                                 + (f"; {', '.join(refused)} {'takes' if len(refused) == 1 else 'take'} no "
+                                    "--compress and " + ("is" if len(refused) == 1 else "are") + " priced uncompressed"
+                                    if refused else "")),
+        "states": ("uncompressed tags travel at the bytes per parameter above, compressed ones at their codec's "
+                   "bytes of float32 values"),
+    }
 
 
 def require_finite(record: Any, path: str = "") -> Any:
@@ -385,10 +530,19 @@ def comparison_text(record: dict[str, Any]) -> str:
         local_adam = (f"Local Adam (K = K_x) takes {100 * gap:.1f}% longer per step than DES-LOC here"
                       + (": with DDP's bytes cut 85x or more both are nearly compute bound, and DES-LOC's halving "
                          "of Local Adam's bytes pays off on slower networks." if gap < 0.05 else "."))
+    bytes_sentence = ("DES-LOC sends 1/170.67 of DDP's bytes, so its speedup is about (1 + r) / (1 + r/170.67)")
+    if "compression" in record:
+        row = next(r for r in record["rows"] if r["model"] == sens["model"] and r["profile"] == sens["profile"]
+                   and r["method"] == "desloc")
+        x = sens["ddp_comm_over_compute"] * row["compute_s"] / row["comm_per_step_s"] if row["comm_per_step_s"] \
+            else math.inf
+        bytes_sentence = (f"with --compress {_codecs_text(row['compression'])} DES-LOC sends "
+                          f"1/{row['bytes_ratio_vs_ddp']:.2f} of uncompressed DDP's bytes and its syncs take "
+                          f"1/{x:.2f} of DDP's communication time, so its speedup is (1 + r) / (1 + r/{x:.2f})")
     return (f"This is a model, not a measurement. Under the assumptions above DES-LOC is {ours} faster than DDP on "
             f"{sens['profile']}, {where} the paper's stated 1.3x-2.1x. The answer is set by one number, r = DDP's "
-            f"communication / compute per step = {sens['ddp_comm_over_compute']:.2f} here; DES-LOC sends 1/170.67 of "
-            f"DDP's bytes, so its speedup is about (1 + r) / (1 + r/170.67). The model size cancels out of r (compute "
+            f"communication / compute per step = {sens['ddp_comm_over_compute']:.2f} here; {bytes_sentence}. "
+            f"The model size cancels out of r (compute "
             f"and bytes both grow with N; only latency does not), so the paper's spread over 1B-13B must come from "
             f"inputs that change with size and were not published: the 1.3x-2.1x band is r = {rlo:.2f}-{rhi:.2f}. "
             f"Most sensitive: {top['assumption']} (halved {top['speedup_if_halved']:.2f}x, doubled "
@@ -396,6 +550,10 @@ def comparison_text(record: dict[str, Any]) -> str:
             f"batch and the bandwidth each scale r by the same factor; the periods and the latency barely matter on "
             f"{sens['profile']}. Halving or doubling any one input alone gives {span[0]:.2f}x-{span[1]:.2f}x. "
             f"{local_adam}")
+
+
+def _codecs_text(codecs: Mapping[str, str]) -> str:
+    return ",".join(f"{t}={c}" for t, c in codecs.items()) or "none"
 
 
 def _show(x: float | None) -> str:
@@ -419,6 +577,10 @@ def format_wallclock(record: dict[str, Any]) -> str:
              f"{r['compute_s']:.3f}", f"{r['comm_per_step_s']:.4f}", f"{r['time_per_step_s']:.3f}",
              f"{100 * r['comm_fraction']:.1f}", f"{r['total_time_s'] / 3600:.2f}", f"{r['speedup_vs_ddp']:.2f}x"]
             for r in record["rows"]]
+    if "compression" in record:  # a column only when --compress is given: the default table is unchanged
+        header.insert(3, "compressed")
+        for row, r in zip(rows, record["rows"]):
+            row.insert(3, _codecs_text(r["compression"]))
     k = a["periods"]
     nets = "; ".join(f"{n} {_show(p['bandwidth_gbps'])} Gb/s, {p['latency_ms']:g} ms" for n, p in a["profiles"].items())
     assumptions = [
@@ -433,6 +595,8 @@ def format_wallclock(record: dict[str, Any]) -> str:
         f"network: {nets}; {a['link']}",
         a["collective"], a["compute"], a["overlap"], f"model sizes: {a['model_sizes']}",
     ]
+    if "compression" in record:
+        assumptions[5:5] = [a["compressed_collective"], a["compressed_reference"]]
     s = record["sensitivity"]
     sens_rows = [[r["assumption"], _show(r["base_value"]), f"{r['speedup_if_halved']:.2f}x",
                   f"{r['speedup_if_doubled']:.2f}x"] for r in s["rows"]]

@@ -53,11 +53,16 @@ def build_method(
     inner: torch.optim.Optimizer,
     comm: Communicator,
     state_roles: Mapping[str, StateRole | str],
+    total_steps: int | None = None,
     **kwargs: Any,
 ) -> SyncedOptimizer:
     """Wrap ``inner`` in the method ``cfg.name``. ``state_roles`` maps state names to their role
-    (:class:`~desloc.optim.roles.StateRole`, or its text "u", "u<j>", "v")."""
+    (:class:`~desloc.optim.roles.StateRole`, or its text "u", "u<j>", "v"). ``total_steps``: the
+    run's last step T, when known -- a state average nobody would read (launched at t with
+    t + delay >= T) is then not sent (:mod:`desloc.algorithms.schedule`)."""
     spec = METHODS[cfg.name]
+    if total_steps is not None and "fragments" in spec.fields:
+        kwargs.setdefault("total_steps", total_steps)
     roles = {name: StateRole.parse(role) for name, role in state_roles.items()}
     if spec.inner == "mtdao":
         from desloc.optim import MTDAO

@@ -454,12 +454,35 @@ class SyncedOptimizer(torch.optim.Optimizer):
         return []
 
     def expected_bytes(self, steps: int) -> int:
-        """Bytes one worker sends in ``steps`` steps of all-reduces, from ``schedule`` alone."""
-        def payload(tag: str) -> int:
-            tensors = self.params if tag in ("params", "grads") else self.state_tensors(tag)
-            return sum(self.comm.payload_bytes(t) for t in tensors)
+        """Bytes one worker sends in ``steps`` steps of all-reduces, from ``schedule`` alone (with
+        fragments: each fragment's elements; compressed tags: the codec's encoded bytes)."""
+        from desloc.algorithms.fastsync import fragment_bounds
 
-        return sum(self.schedule.count(tag, steps) * payload(tag) for tag in self.schedule.tags)
+        compression = getattr(self, "compression", {}) or {}
+
+        def kinds(tag: str) -> list[tuple[int, int]]:
+            """(elements per worker, element size) of each flat buffer of ``tag``, in buffer order."""
+            tensors = self.params if tag in ("params", "grads") else self.state_tensors(tag)
+            out: dict[tuple, list[int]] = {}
+            for t in tensors:
+                out.setdefault((t.dtype, t.device), [0, t.element_size()])[0] += self.comm.worker_numel(t)
+            return [tuple(v) for v in out.values()]
+
+        def payload(tag: str, f: int) -> int:
+            total = 0
+            for n, size in kinds(tag):
+                a, b = fragment_bounds(n, self.schedule.fragments, f)
+                if tag in compression:
+                    from desloc.algorithms.fastsync import encoded_bytes
+                    from desloc.comm.codecs import get_codec
+
+                    total += encoded_bytes(get_codec(compression[tag]), b - a, self.comm.world_size)
+                else:
+                    total += (b - a) * size
+            return total
+
+        return sum(self.schedule.fragment_count(tag, f, steps) * payload(tag, f)
+                   for tag in self.schedule.tags for f in range(self.schedule.fragments))
 
     def ddp_equivalent_bytes(self, steps: int | None = None) -> int:
         """Bytes one worker would have sent had DDP all-reduced every gradient for ``steps``."""

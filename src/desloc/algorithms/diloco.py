@@ -31,7 +31,7 @@ import torch
 
 from desloc.algorithms.desloc import DesLoc
 from desloc.algorithms.outer import OuterFactory, default_outer_momentum, nesterov_sgd
-from desloc.algorithms.spec import MethodSpec, outer_factory
+from desloc.algorithms.spec import MethodSpec, fast_sync_kwargs, outer_factory
 from desloc.comm.base import Communicator
 
 
@@ -58,9 +58,11 @@ class DiLoCo(DesLoc):
 def _build(cfg, inner, comm, roles, kwargs) -> DiLoCo:
     kwargs.setdefault("param_delay", cfg.param_delay)
     kwargs.setdefault("overlap", cfg.overlap)
+    fast_sync_kwargs(cfg, kwargs)
     return DiLoCo(inner, comm, cfg.period_x, list(roles), outer=kwargs.pop("outer", outer_factory(cfg)), **kwargs)
 
 
 SPEC = MethodSpec("every H = K_x steps an outer Nesterov step on the averaged pseudo-gradient", _build,
-                  frozenset({"period_x", "clip_rho", "outer", "outer_lr", "outer_momentum", "param_delay"}),
+                  frozenset({"period_x", "clip_rho", "outer", "outer_lr", "outer_momentum", "param_delay", "fragments",
+                             "fragment_alpha", "compression", "stream"}),
                   why_fixed="never syncs optimizer states", outer="nesterov")

@@ -57,10 +57,13 @@ class OuterStep:
             raise TypeError(f"outer must build a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
 
     @torch.no_grad()
-    def step(self, params: list[torch.Tensor]) -> None:
+    def step(self, params: list[torch.Tensor], indices: list[int] | None = None) -> None:
         """xbar <- OUTER.step(xbar, Delta = xbar - x). The caller then copies back (after GASLoC's
-        gossip of the anchors, directly for DiLoCo)."""
-        for xbar, x in zip(self.anchor, params):
+        gossip of the anchors, directly for DiLoCo). ``indices``: step only those anchors (one
+        fragment of a streamed sync; ``params[i]`` goes with ``anchor[indices[i]]``) -- the outer
+        optimizer skips the anchors without a gradient, momentum included."""
+        anchors = self.anchor if indices is None else [self.anchor[i] for i in indices]
+        for xbar, x in zip(anchors, params):
             xbar.grad = xbar - x
         self.optimizer.step()
 

@@ -44,7 +44,10 @@ Builder = Callable[["MethodConfig", "torch.optim.Optimizer", "Communicator", dic
 
 # The fields of MethodConfig a spec can consume (``name`` is every method's).
 METHOD_FIELDS = ("period_x", "period_u", "period_v", "clip_rho", "outer", "outer_lr", "outer_momentum",
-                 "topology", "local_steps", "gossip_seed", "momentum_periods", "param_delay", "overlap")
+                 "topology", "local_steps", "gossip_seed", "momentum_periods", "param_delay", "overlap",
+                 "fragments", "state_delay", "fragment_alpha", "compression", "stream")
+# The fast-sync fields (issue 20: README "Fast syncs"): how syncs are cut, delayed and encoded.
+FAST_SYNC_FIELDS = ("fragments", "state_delay", "fragment_alpha", "compression", "stream")
 # Fields that describe how syncs are executed rather than what the method computes: a compare of
 # several methods keeps them as given for every run, so every run records the same engine setting.
 EXECUTION_FIELDS = ("overlap",)
@@ -138,6 +141,8 @@ class MethodSpec:
         if "overlap" not in out and not self.syncs_states(cfg, inner):
             out["overlap"] = ("no optimizer state is ever synced here (every state period is 'none'), and only "
                               "state syncs overlap")
+        if "state_delay" not in out and not self.syncs_states(cfg, inner):
+            out["state_delay"] = "no optimizer state is ever synced here (every state period is 'none')"
         if "gossip_seed" not in out and cfg.topology not in RANDOM_TOPOLOGIES:
             out["gossip_seed"] = (f"the {cfg.topology} topology is the same every round; only the random ones "
                                   f"({', '.join(RANDOM_TOPOLOGIES)}) draw from --gossip-seed")
@@ -162,6 +167,15 @@ class MethodSpec:
         if f == "param_delay":
             return (f"{name} has no parameter average to delay ("
                     + ("it all-reduces the gradient every step)" if not self.syncs_params else "it gossips)"))
+        if f in ("fragments", "fragment_alpha", "stream"):
+            return (f"{name} has no periodic average to stream ("
+                    + ("it all-reduces the gradient every step)" if not self.syncs_params else
+                       "it gossips)" if self.gossips else "it zeroes the states at each whole parameter average)"))
+        if f == "state_delay":
+            return f"{name} never averages an optimizer state, so there is none to delay"
+        if f == "compression":
+            return (f"{name} gossips point to point; compression applies to all-reduced averages" if self.gossips
+                    else f"{name} zeroes the states at each whole parameter average; use keep-states to compress")
         if f == "overlap":
             if self.state_periods == "none":
                 return f"{name} never syncs optimizer states, and only state syncs overlap"
@@ -232,6 +246,17 @@ class MethodConfig:
         (:mod:`desloc.algorithms.desloc`).
     overlap: leave state syncs in flight until the next inner step reads them (exact: bitwise
         the blocking result); False = every sync blocks (``--no-overlap``).
+    fragments: F, cut every synced buffer into F slices synced at staggered steps of each period
+        (1 = whole buffers, the default; :mod:`desloc.algorithms.schedule`).
+    state_delay: D_s, apply each state average D_s steps after launching it with the EMA rule
+        s <- s + beta^D_s (E[s_snap] - s_snap) (0 = at once; < the smallest state period).
+    fragment_alpha: alpha in [0, 1), keep that share of the local parameters when an average is
+        applied (torchft's ``fragment_update_alpha``; 0 = take the average, the default).
+    compression: {tag: codec} (``"*"`` = every tag), e.g. ``{"params": "int4", "*": "int8"}``, or
+        the flag's text ``"params=int4,exp_avg=int8"``; None = full precision. Codecs:
+        :mod:`desloc.comm.codecs`; the error-feedback rule: :mod:`desloc.algorithms.fastsync`.
+    stream: choose fragments and delays by the rule of :func:`desloc.stream.stream_choice`
+        (resolved by :class:`~desloc.config.TrainConfig`, from the schedule and the time model).
     """
 
     name: str = "desloc"
@@ -248,6 +273,11 @@ class MethodConfig:
     momentum_periods: list[int | None] | None = None
     param_delay: int = 0
     overlap: bool = True
+    fragments: int = 1
+    state_delay: int = 0
+    fragment_alpha: float = 0.0
+    compression: dict[str, str] | None = None
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in REGISTRY:
@@ -255,6 +285,7 @@ class MethodConfig:
         spec = REGISTRY[self.name]
         self._check_numbers()
         self._check_param_delay(spec)
+        self._check_fast_syncs(spec)
         self._resolve_outer(spec)
         self._check_gossip(spec)
         self._resolve_state_periods(spec)
@@ -293,6 +324,38 @@ class MethodConfig:
         if self.param_delay >= self.period_x:
             raise ConfigError(f"param_delay={self.param_delay} must be < K_x={self.period_x} (one parameter "
                               f"average in flight at a time); e.g. --param-delay {max(1, self.period_x // 4)}")
+
+    def _check_fast_syncs(self, spec: MethodSpec) -> None:
+        """Types and ranges of the fast-sync fields (what depends on the inner optimizer's states
+        is checked when the method is built); a field the method cannot take is refused."""
+        from desloc.comm.codecs import parse_compression
+
+        if isinstance(self.fragments, bool) or not isinstance(self.fragments, int) or self.fragments < 1:
+            raise ConfigError(f"fragments (--fragments) must be an integer >= 1, got {self.fragments!r}; e.g. 4")
+        if self.fragments > self.period_x and spec.syncs_params:
+            raise ConfigError(f"fragments={self.fragments} > K_x={self.period_x}: a fragment would be synced less "
+                              f"than once per period; use --fragments {self.period_x} or fewer")
+        if isinstance(self.state_delay, bool) or not isinstance(self.state_delay, int) or self.state_delay < 0:
+            raise ConfigError(f"state_delay (--state-delay) must be an integer >= 0, got {self.state_delay!r}")
+        if isinstance(self.fragment_alpha, bool) or not isinstance(self.fragment_alpha, (int, float)) \
+                or not 0.0 <= self.fragment_alpha < 1.0:
+            raise ConfigError(f"fragment_alpha (--fragment-alpha) must be in [0, 1), got {self.fragment_alpha!r}")
+        self.fragment_alpha = float(self.fragment_alpha)
+        if not isinstance(self.stream, bool):
+            raise ConfigError(f"stream must be true or false, got {self.stream!r}")
+        if isinstance(self.compression, str) or self.compression:
+            text = self.compression if isinstance(self.compression, str) else ",".join(
+                f"{k}={v}" if k != "*" else v for k, v in self.compression.items())
+            self.compression = parse_compression(text) or None
+        else:
+            self.compression = None
+        given = {"fragments": self.fragments != 1, "state_delay": self.state_delay != 0,
+                 "fragment_alpha": self.fragment_alpha != 0.0, "compression": self.compression is not None,
+                 "stream": self.stream}
+        for f, on in given.items():
+            if on and f not in spec.fields:
+                flag = "--" + {"compression": "compress"}.get(f, f).replace("_", "-")
+                raise ConfigError(f"{flag}: {spec._why_not(f, self, '')}; drop {flag}")
 
     def _resolve_outer(self, spec: MethodSpec) -> None:
         if self.outer is None:
@@ -368,6 +431,16 @@ def tunable_methods() -> str:
 def _gossipers() -> str:
     names = [n for n, p in REGISTRY.items() if p.gossips]
     return " and ".join(names) + (" gossips" if len(names) == 1 else " gossip")
+
+
+def fast_sync_kwargs(cfg: "MethodConfig", kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The builder's keyword arguments for the fast-sync fields of ``cfg`` (the desloc family and
+    diloco; a field the method does not consume is never passed)."""
+    spec = REGISTRY[cfg.name]
+    for f in ("fragments", "state_delay", "fragment_alpha", "compression"):
+        if f in spec.fields:
+            kwargs.setdefault(f, getattr(cfg, f))
+    return kwargs
 
 
 def outer_factory(cfg: "MethodConfig") -> "OuterFactory | None":

@@ -84,6 +84,20 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--no-overlap",), dict(action="store_const", const=False, help="block on every sync (default: state "
                               "syncs overlap the next step's forward/backward, bitwise the same result)"),
      ("method", "overlap")),
+    (("--stream",), dict(action="store_const", const=True, help="stream every sync behind compute: fragments and "
+                          "delays chosen by a documented rule from the schedule and --network / --step-time (README "
+                          "'Fast syncs'); flags given explicitly are kept"), ("method", "stream")),
+    (("--fragments",), dict(type=int, metavar="F", help="cut every synced buffer into F slices synced at staggered "
+                            "steps of its period (1 = whole buffers, default)"), ("method", "fragments")),
+    (("--state-delay",), dict(type=int, metavar="D", help="apply each optimizer-state average D steps after launching "
+                              "it, with the EMA rule s += beta^D (E[s_snap] - s_snap) (0 = default)"),
+     ("method", "state_delay")),
+    (("--fragment-alpha",), dict(type=float, metavar="A", help="keep a share A of the local parameters when an "
+                                 "average lands (torchft's fragment_update_alpha; 0 = default)"),
+     ("method", "fragment_alpha")),
+    (("--compress",), dict(metavar="CODEC", help="encode syncs: a codec for every tag (bf16 | fp16 | int8 | int4 | fp8 "
+                           "| topk:FRACTION) or per tag, e.g. params=int4,exp_avg=int8,exp_avg_sq=int8; error "
+                           "feedback keeps what a message lost (default: none)"), ("method", "compression")),
     (("--events",), dict(help="simulator membership events, e.g. 16:add=4,48:drop=2 (workers join / leave "
                               "after that step)"), ("events",)),
     (("--join-states",), dict(help="a joining worker's optimizer states: average (default) | zeros | checkpoint "

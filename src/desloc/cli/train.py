@@ -136,6 +136,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(to_toml(cfg.to_dict(), header="desloc train configuration, resolved; run it with\n"
                           "desloc train --config FILE (flags given with it override it)"), end="")
         return 0
+    if cfg.stream_choice and int(os.environ.get("RANK", "0")) == 0:
+        chosen = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in cfg.stream_choice.items()
+                           if k not in ("rule", "link_busy"))
+        print(f"desloc: --stream chose {chosen} ({cfg.stream_choice['rule']})", file=sys.stderr)
     out = args.out or _default_out("train")  # train() checks the engine, device and memory first
     summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite,
                     timeout_s=args.timeout)

@@ -19,7 +19,8 @@ def _add_wallclock(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("wallclock", help="modeled time per step and speedup vs DDP of every all-reduce method",
                        description="A model, not a measurement: compute (6 N D) + ring all-reduce per synced "
-                       f"tensor for {', '.join(METHODS)}. The defaults reproduce the DES-LOC paper's setting "
+                       "tensor (with --compress: desloc's compressed all-reduce of the encoded message) for "
+                       f"{', '.join(METHODS)}. The defaults reproduce the DES-LOC paper's setting "
                        "(1.3x-2.1x over DDP) with every assumption printed.")
     p.add_argument("--models", default=",".join(PAPER_MODELS), help="model sizes, e.g. 1b,7b,13b or 350m,1.3b")
     p.add_argument("--network", "--profiles", dest="profiles", default=None,
@@ -30,6 +31,12 @@ def _add_wallclock(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv", type=int, default=PAPER_PERIODS[2], help="K_v (desloc, mtdao)")
     p.add_argument("--momentum-periods", type=_int_list, default=None, help="mtdao K_j per momentum (default K_u,K_u)")
     p.add_argument("--steps", type=int, default=15360, help="run length for the total time (default 15360)")
+    p.add_argument("--compress", metavar="CODEC", default=None,
+                   help="price compressed syncs: a codec for every tag the method sends (bf16 | fp16 | int8 | int4 | "
+                   "fp8 | topk:FRACTION) or TAG=CODEC,... per tag (params, exp_avg, exp_avg_sq, mtdao's exp_avg_J, "
+                   "ddp's grads), e.g. params=int4,exp_avg=int8,exp_avg_sq=int8. A compressed tag costs "
+                   "a ring all-reduce of its encoded message p (M = 2: an all-gather), p = the codec's exact bytes "
+                   "of N float32 values; bytes and speedups stay against uncompressed DDP (default: none)")
     add_network_and_compute_flags(p)
     p.set_defaults(func=_cmd_wallclock)
 
@@ -42,7 +49,7 @@ def _cmd_wallclock(args: argparse.Namespace) -> int:
     if not models:
         raise ConfigError(f"--models lists nothing, got {args.models!r}; e.g. --models 1b,7b,13b")
     record = wallclock_record(models, profiles_from_args(args.profiles, args), compute_from_args(args),
-                              (args.kx, args.ku, args.kv), args.steps, args.momentum_periods)
+                              (args.kx, args.ku, args.kv), args.steps, args.momentum_periods, args.compress)
     print(dumps(record, indent=2) if args.json else format_wallclock(record))
     return 0
 

@@ -8,12 +8,15 @@ collective -- every worker takes part with tensors of the same shapes and, for g
 mixing matrix W -- so each worker knows exactly what every other worker sends, and one process
 (the simulator, or any rank) can account for all of them without extra communication. The
 bookkeeping is shared code (:meth:`Communicator._record_all_reduce`,
-:meth:`Communicator._record_mix`), called by both implementations, so both count identically.
+:meth:`Communicator._record_all_gather`, :meth:`Communicator._record_mix`), called by both
+implementations, so both count identically.
 
 ``sent_by_tag[tag]``
     Bytes sent under ``tag`` summed over all M workers (elements x element size; exact integer).
     An all-reduce of a tensor counts its per-worker payload once per worker (M x payload); a
     gossip call counts the payload once per link ``src -> dst`` with ``W[dst, src] > 0``.
+    Compressed syncs count the encoded payload a worker sends (values + scales + indices, the
+    uint8 bytes of :meth:`Communicator.all_gather_flat`), once per worker, not the decoded tensor.
 ``bytes_by_tag[tag]`` (derived)
     Bytes one worker sent under ``tag``, averaged over the workers: ``sent_by_tag[tag] / M``.
     That is the papers' unit ("model-sized tensors sent per worker"). For all-reduce traffic
@@ -25,7 +28,8 @@ bookkeeping is shared code (:meth:`Communicator._record_all_reduce`,
     Number of communicator calls that carried ``tag``: how often it was synced (one per call,
     however many tensors or flat buffers, buckets or links carried it).
 ``collectives``
-    Number of communicator calls (``all_reduce_mean`` or ``mix``) that moved method data. A
+    Number of communicator calls (``all_reduce_mean[_flat]``, ``all_gather_flat`` or ``mix``) that
+    moved method data. A
     call is one, whatever the engine does underneath: the torch.distributed engine may split it
     into several bucket all-reduces (counted in ``TorchDistComm.buckets_reduced``, not here), the
     simulator does one reduction per tensor. Calls with no tensors and observer calls (below)

@@ -31,7 +31,7 @@ class MeshComm(TorchDistComm):
     ``world_size`` and ``rank`` are the replica groups' (M, r): an algorithm sees M workers.
     Syncs take the copying path (``all_reduce_mean``: local shards into buckets and back), as
     FSDP2 owns the parameters' storage; DES-LOC's delayed parameter sync, which needs flat
-    buffers, is refused with --shard.
+    buffers, is refused with --shard; so are compressed syncs (``has_all_gather`` is False).
     """
 
     def __init__(self, rmesh: ReplicaMesh, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
@@ -41,6 +41,12 @@ class MeshComm(TorchDistComm):
 
     @property
     def has_flat_all_reduce(self) -> bool:
+        return False
+
+    @property
+    def has_all_gather(self) -> bool:
+        """False: compressed syncs (``all_gather_flat``) are not implemented for sharded replica
+        groups (each shard would be encoded apart, and the ledger counts whole groups)."""
         return False
 
     def _locals(self, tensors):

@@ -3,6 +3,10 @@
 Averaging is ``t.sum(0) / M`` broadcast back to every worker. The reduction runs over workers in
 a fixed order, so results are deterministic; for M = 2 the sum is order-free and equals what a
 2-process gloo all-reduce produces, bit for bit.
+
+All-gather (:meth:`Communicator.all_gather_flat`): the ``[M, nbytes]`` payload already holds every
+worker's row in rank order, so it *is* the gathered tensor: no copy, returned as is (the caller
+must not modify it before the handle's wait, as on a real engine).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from desloc.comm.base import Communicator, PendingReduce, mix_rows
+from desloc.comm.base import Communicator, PendingGather, PendingReduce, mix_rows
 from desloc.comm.ledger import CommLedger
 
 
@@ -58,15 +62,24 @@ class SimulatedComm(Communicator):
             tensor.copy_(mean.expand_as(tensor))
 
     def _check_flat(self, buffer: torch.Tensor) -> None:
-        if buffer.dim() != 2 or buffer.shape[0] != self.world_size or not buffer.is_contiguous():
-            raise ValueError(f"a flat buffer in the simulator is a contiguous [M={self.world_size}, numel] "
-                             f"tensor, got shape {tuple(buffer.shape)} strides {buffer.stride()}")
+        # rows contiguous: a whole flat buffer, or a fragment of one (columns [a, b) of every row)
+        if buffer.dim() != 2 or buffer.shape[0] != self.world_size or (buffer.shape[1] > 1 and buffer.stride(1) != 1):
+            raise ValueError(f"a flat buffer in the simulator is an [M={self.world_size}, numel] tensor with "
+                             f"contiguous rows, got shape {tuple(buffer.shape)} strides {buffer.stride()}")
 
     def _reduce_flat(self, buffers: list[torch.Tensor], hidden: list[int]) -> list[PendingReduce]:
         """Everything now: nothing reads a buffer before its wait, so the numbers are those of a
         collective finished later (one reduction over dim 0 per buffer, as ``all_reduce_mean``)."""
         self._average(buffers)
         return [PendingReduce(b) for b in buffers]
+
+    def _all_to_all(self, payloads: list[torch.Tensor], hidden: list[int]) -> list[PendingGather]:
+        """[M(src), M(dst), c] -> what each destination receives: [M(dst), M(src), c]."""
+        return [PendingGather(p.transpose(0, 1).contiguous()) for p in payloads]
+
+    def _gather_flat(self, payloads: list[torch.Tensor], hidden: list[int]) -> list[PendingGather]:
+        """Nothing to move: row m of each ``[M, nbytes]`` payload is worker m's payload."""
+        return [PendingGather(p) for p in payloads]
 
     def mix(self, tensors: Sequence[torch.Tensor], tags: Sequence[str],
             neighbours: Sequence[Sequence[tuple[int, float]]]) -> None:

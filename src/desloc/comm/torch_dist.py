@@ -14,7 +14,12 @@ division happens in :meth:`PendingReduce.wait`, when the caller needs the result
 tensors by (dtype, device), copies them into flat buckets of at most ``bucket_bytes``, issues one
 SUM all-reduce per bucket, divides by the world size and copies back (a reused buffer, the
 division fused into the copy back). SUM-then-divide (not ``ReduceOp.AVG``) keeps the numerics
-identical to the simulator on both paths. What each path costs against a raw all-reduce is in
+identical to the simulator on both paths.
+
+``all_gather_flat`` (compressed syncs' encoded uint8 payloads): one
+``dist.all_gather_into_tensor`` per payload into a fresh ``[M, nbytes]`` tensor (row m = rank m's
+payload in ``group``), ``async_op=True`` and waited at once unless ``hidden_steps > 0``; counted in
+``gathers_issued``. The same code runs on gloo and NCCL. What each path costs against a raw all-reduce is in
 ``benchmarks/README.md`` (sync_cost.py).
 """
 
@@ -28,7 +33,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from desloc.comm.base import Communicator, PendingReduce, mix_rows
+from desloc.comm.base import Communicator, PendingGather, PendingReduce, mix_rows
 from desloc.comm.ledger import CommLedger
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -64,6 +69,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _in_order(launch, hidden: list[int], out: list):
+    """Issue ``launch(i)`` for every buffer: the blocking ones (``hidden[i] == 0``) first, all on the
+    wire at once, and wait for them; then the overlapped ones, the one needed soonest first. The
+    order is the same on every rank (it depends on ``hidden`` only). Returns ``out``."""
+    blocking = [launch(i) for i in range(len(hidden)) if hidden[i] == 0]
+    for pending in blocking:
+        pending.wait()
+    for i in sorted((i for i in range(len(hidden)) if hidden[i] > 0), key=lambda i: hidden[i]):
+        launch(i)
+    return out
+
+
 class TorchDistComm(Communicator):
     """Communicator over an initialised ``torch.distributed`` process group."""
 
@@ -83,6 +100,7 @@ class TorchDistComm(Communicator):
         self.global_rank = dist.get_rank()  # in the default group (== rank unless ``group`` is a subgroup)
         self.ledger = CommLedger(self.world_size)
         self.buckets_reduced = 0  # network all-reduces issued (several per call when bucketed)
+        self.gathers_issued = 0  # network all-gathers issued (one per payload of all_gather_flat)
         self._flat_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     @property
@@ -121,12 +139,39 @@ class TorchDistComm(Communicator):
             out[i] = PendingReduce(buffers[i], works, self.world_size)
             return out[i]
 
-        blocking = [launch(i) for i in range(len(buffers)) if hidden[i] == 0]  # all on the wire at once
-        for pending in blocking:
-            pending.wait()
-        for i in sorted((i for i in range(len(buffers)) if hidden[i] > 0), key=lambda i: hidden[i]):
-            launch(i)  # then the overlapped ones, the one needed soonest first
-        return out  # type: ignore[return-value]
+        return _in_order(launch, hidden, out)
+
+    def _all_to_all(self, payloads: list[torch.Tensor], hidden: list[int]) -> list[PendingGather]:
+        out: list[PendingGather | None] = [None] * len(payloads)
+
+        def launch(i: int) -> PendingGather:
+            payload = payloads[i]
+            received = torch.empty_like(payload)
+            works = []
+            if payload.numel():
+                works.append(dist.all_to_all_single(received.view(-1), payload.view(-1), group=self.group,
+                                                    async_op=True))
+                self.gathers_issued += 1
+            out[i] = PendingGather(received, works)
+            return out[i]
+
+        return _in_order(launch, hidden, out)
+
+    def _gather_flat(self, payloads: list[torch.Tensor], hidden: list[int]) -> list[PendingGather]:
+        out: list[PendingGather | None] = [None] * len(payloads)
+
+        def launch(i: int) -> PendingGather:
+            payload = payloads[i]
+            gathered = torch.empty((self.world_size, payload.numel()), dtype=payload.dtype, device=payload.device)
+            works = []
+            if payload.numel():  # same nbytes on every worker: all of them skip an empty payload
+                works.append(dist.all_gather_into_tensor(gathered.view(-1), payload, group=self.group,
+                                                         async_op=True))
+                self.gathers_issued += 1
+            out[i] = PendingGather(gathered, works)
+            return out[i]
+
+        return _in_order(launch, hidden, out)
 
     def _chunks(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """``buf`` in contiguous views of at most ``bucket_bytes`` (one view when it fits)."""

@@ -28,7 +28,8 @@ One desloc worker = one torchft replica group. The engine of ``desloc train --ft
 ``world_size`` is the last round's participant count; ``rank`` this worker's fixed index (its
 data shard and dropout stream: ``--replica-id``), not its place in the quorum. Overlapped
 (``hidden_steps > 0``) flat all-reduces complete at once here: the commit decision needs them
-finished, and the numbers are the same.
+finished, and the numbers are the same. Compressed syncs (``all_gather_flat``) are not
+implemented here (``has_all_gather`` is False): the all-or-nothing commit covers all-reduces only.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class TorchftComm(Communicator):
 
     def worker_numel(self, tensor: torch.Tensor) -> int:
         return tensor.numel()
+
+    @property
+    def has_all_gather(self) -> bool:
+        """False: ``all_gather_flat`` raises NotImplementedError (no all-or-nothing gathers here)."""
+        return False
 
     def start_round(self, timeout=None) -> None:
         """A new quorum (blocking; torchft heals this group here if it is behind its peers)."""
