@@ -226,15 +226,12 @@ class DesLoc(SyncedOptimizer):
                                         or total_steps < 1):
             raise ConfigError(f"total_steps must be an integer >= 1 or None (unknown), got {total_steps!r}")
         tags = ["params", *[n for n, k in self.state_periods.items() if k is not None]]
-        if isinstance(compression, Mapping):
-            compression = ",".join(f"{k}={v}" for k, v in compression.items() if k != "*") \
-                + ("," if "*" in compression and len(compression) > 1 else "") \
-                + (compression["*"] if "*" in compression else "")
         spec: dict[str, str] = {}
         if compression:
-            from desloc.comm.codecs import parse_compression
+            from desloc.comm.codecs import format_compression, parse_compression
 
-            spec = parse_compression(compression)
+            spec = parse_compression(format_compression(dict(compression)) if isinstance(compression, Mapping)
+                                     else compression)
         unknown = [t for t in spec if t != "*" and t not in tags]
         if unknown:
             raise ConfigError(f"compression names {unknown}, which this run never syncs; the synced tags are {tags}")

@@ -328,7 +328,7 @@ class MethodConfig:
     def _check_fast_syncs(self, spec: MethodSpec) -> None:
         """Types and ranges of the fast-sync fields (what depends on the inner optimizer's states
         is checked when the method is built); a field the method cannot take is refused."""
-        from desloc.comm.codecs import parse_compression
+        from desloc.comm.codecs import format_compression, parse_compression
 
         if isinstance(self.fragments, bool) or not isinstance(self.fragments, int) or self.fragments < 1:
             raise ConfigError(f"fragments (--fragments) must be an integer >= 1, got {self.fragments!r}; e.g. 4")
@@ -344,8 +344,7 @@ class MethodConfig:
         if not isinstance(self.stream, bool):
             raise ConfigError(f"stream must be true or false, got {self.stream!r}")
         if isinstance(self.compression, str) or self.compression:
-            text = self.compression if isinstance(self.compression, str) else ",".join(
-                f"{k}={v}" if k != "*" else v for k, v in self.compression.items())
+            text = self.compression if isinstance(self.compression, str) else format_compression(dict(self.compression))
             self.compression = parse_compression(text) or None
         else:
             self.compression = None

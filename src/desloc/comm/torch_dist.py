@@ -142,33 +142,26 @@ class TorchDistComm(Communicator):
         return _in_order(launch, hidden, out)
 
     def _all_to_all(self, payloads: list[torch.Tensor], hidden: list[int]) -> list[PendingGather]:
-        out: list[PendingGather | None] = [None] * len(payloads)
-
-        def launch(i: int) -> PendingGather:
-            payload = payloads[i]
-            received = torch.empty_like(payload)
-            works = []
-            if payload.numel():
-                works.append(dist.all_to_all_single(received.view(-1), payload.view(-1), group=self.group,
-                                                    async_op=True))
-                self.gathers_issued += 1
-            out[i] = PendingGather(received, works)
-            return out[i]
-
-        return _in_order(launch, hidden, out)
+        return self._move_bytes(payloads, hidden, torch.empty_like, dist.all_to_all_single)
 
     def _gather_flat(self, payloads: list[torch.Tensor], hidden: list[int]) -> list[PendingGather]:
+        shape = lambda p: torch.empty((self.world_size, p.numel()), dtype=p.dtype, device=p.device)  # noqa: E731
+        return self._move_bytes(payloads, hidden, shape, dist.all_gather_into_tensor)
+
+    def _move_bytes(self, payloads: list[torch.Tensor], hidden: list[int], receive, collective) -> list[PendingGather]:
+        """One ``collective(received.view(-1), payload.view(-1))`` per encoded payload into
+        ``receive(payload)``, asynchronous, in :func:`_in_order`. Every worker has the same payload
+        sizes, so all of them skip an empty payload alike."""
         out: list[PendingGather | None] = [None] * len(payloads)
 
         def launch(i: int) -> PendingGather:
             payload = payloads[i]
-            gathered = torch.empty((self.world_size, payload.numel()), dtype=payload.dtype, device=payload.device)
+            received = receive(payload)
             works = []
-            if payload.numel():  # same nbytes on every worker: all of them skip an empty payload
-                works.append(dist.all_gather_into_tensor(gathered.view(-1), payload, group=self.group,
-                                                         async_op=True))
+            if payload.numel():
+                works.append(collective(received.view(-1), payload.view(-1), group=self.group, async_op=True))
                 self.gathers_issued += 1
-            out[i] = PendingGather(gathered, works)
+            out[i] = PendingGather(received, works)
             return out[i]
 
         return _in_order(launch, hidden, out)
