@@ -22,9 +22,21 @@ vs outer momentum, one line per (H, lr), local-adam at each H dashed).
 
     python benchmarks/outer_sweep.py [--steps 192] [--h 8,32] [--lrs 0.7,1.0] [--momenta 0,0.5,0.9]
                                      [--seeds 0] [--cells H:LR:MU,...] [--max-cpu-s S] [--collect]
+                                     [--batch-size 16] [--seq-len N] [--with-defaults] [--name outer_sweep]
 
 --cells replaces the product grid by an explicit list of diloco cells (the local-adam reference
-is still run at every H named). --max-cpu-s stops launching runs once the children's CPU time
+is still run at every H named). --batch-size / --seq-len change the per-worker batch (part of
+every run's name; default 16 x 128). --with-defaults adds the library's default cell
+(default_outer_lr(H), default_outer_momentum(H)) at every H. --name names the record. The record's
+``rule_check`` scores rules (the library default, the previous default, every constant cell) by
+their shortfall against the best diloco run of the same H and seed.
+
+Issue 22, claim 4 (record results/outer_defaults.json, benchmarks/README.md):
+
+    CELLS=$(python -c "print(','.join(f'{h}:{lr}:{mu}' for h in (4, 8, 16, 32, 64)
+                 for lr, mu in ((0.7, 0), (1.0, 0), (1.4, 0), (0.7, 0.5), (1.0, 0.5))))")
+    python benchmarks/outer_sweep.py --steps 384 --h 4,8,16,32,64 --cells $CELLS --seeds 0,1 \
+        --batch-size 8 --seq-len 64 --with-defaults --name outer_defaults --workdir /tmp/desloc-outer-defaults --max-cpu-s stops launching runs once the children's CPU time
 exceeds S. --collect only rebuilds the record and the plot from the workdir. Each run gets
 OMP_NUM_THREADS=1 unless the caller sets it (one torch thread: the 2-core machine is shared).
 """
@@ -40,10 +52,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, write_record
+
+from desloc.algorithms.outer import default_outer_lr, default_outer_momentum
 
 NAME = "outer_sweep"
 
@@ -73,16 +88,24 @@ def _cells(s: str) -> list[tuple[int, float, float]]:
     return out
 
 
+BATCH: list[str] = []  # extra flags (--batch-size / --seq-len), set by main; part of every run's name
+SHAPE: dict = {"batch_size": 16, "seq_len": None}  # what config.json must hold for a run to be reused
+
+
+def _batch_tag() -> str:
+    return "".join(f"-{f.lstrip('-')[0]}{v}" for f, v in zip(BATCH[::2], BATCH[1::2]))
+
+
 def run_name(method: str, h: int, lr: float | None, mu: float | None, seed: int, steps: int) -> str:
     if method == "local-adam":
-        return f"local-adam-H{h}-s{seed}-T{steps}"
-    return f"diloco-H{h}-lr{lr:g}-mu{mu:g}-s{seed}-T{steps}"
+        return f"local-adam-H{h}{_batch_tag()}-s{seed}-T{steps}"
+    return f"diloco-H{h}-lr{lr:g}-mu{mu:g}{_batch_tag()}-s{seed}-T{steps}"
 
 
 def train_args(method: str, h: int, lr: float | None, mu: float | None, seed: int, steps: int) -> list[str]:
     args = ["train", "--method", method, "--kx", str(h), "--workers", "4", "--steps", str(steps),
             "--seed", str(seed), "--eval-every", str(steps), "--ckpt-every", str(steps),
-            "--log-every", str(max(1, steps // 8))]
+            "--log-every", str(max(1, steps // 8)), *BATCH]
     if method == "diloco":
         args += ["--outer-lr", repr(lr), "--outer-momentum", repr(mu)]
     return args
@@ -95,7 +118,8 @@ def matches(run_dir: Path, method: str, h: int, lr: float | None, mu: float | No
         return False
     m = cfg["method"]
     ok = (m["name"] == method and m["period_x"] == h and cfg["steps"] == steps and cfg["seed"] == seed
-          and cfg["workers"] == 4 and cfg["model"] == "tiny" and cfg["batch_size"] == 16)
+          and cfg["workers"] == 4 and cfg["model"] == "tiny"
+          and cfg["batch_size"] == SHAPE["batch_size"] and cfg.get("seq_len") == SHAPE["seq_len"])
     if method == "diloco":
         ok = ok and math.isclose(m["outer_lr"], lr) and math.isclose(m["outer_momentum"], mu)
     return ok
@@ -181,6 +205,32 @@ def cells_table(runs: list[dict]) -> list[dict]:
     return table
 
 
+def rule_check(runs: list[dict], rules: dict[str, Callable[[int], tuple[float, float]]]) -> dict:
+    """For each rule (H -> (outer lr, outer mu)), each H and seed: the rule's run against the best diloco
+    run of that H and seed, in percent (None where the rule's setting was not run)."""
+    out: dict = {}
+    by = {}
+    for r in runs:
+        if r["method"] == "diloco" and r["final_val_loss"] is not None:
+            by.setdefault((r["H"], r["seed"]), []).append(r)
+    for name, rule in rules.items():
+        rows = []
+        for (h, seed), rs in sorted(by.items()):
+            best = min(rs, key=lambda r: r["final_val_loss"])
+            lr, mu = rule(h)
+            mine = [r for r in rs if math.isclose(r["outer_lr"], lr, rel_tol=1e-6)
+                    and math.isclose(r["outer_momentum"], mu, rel_tol=1e-6, abs_tol=1e-9)]
+            pct = 100 * (mine[0]["final_val_loss"] / best["final_val_loss"] - 1) if mine else None
+            rows.append({"H": h, "seed": seed, "rule_lr": lr, "rule_mu": mu,
+                         "rule_loss": mine[0]["final_val_loss"] if mine else None,
+                         "best": [best["outer_lr"], best["outer_momentum"]], "best_loss": best["final_val_loss"],
+                         "pct_vs_best": pct})
+        pcts = [r["pct_vs_best"] for r in rows if r["pct_vs_best"] is not None]
+        out[name] = {"rows": rows, "max_pct_vs_best": max(pcts) if pcts else None,
+                     "within_1pct": sum(p <= 1.0 for p in pcts), "measured": len(pcts), "pairs": len(rows)}
+    return out
+
+
 def markdown(table: list[dict]) -> str:
     lines = ["| H | method | outer lr | outer mu | lr/(1-mu) | seeds | final val loss (mean ± std) | vs local-adam, same seed (per seed) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -245,13 +295,28 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/desloc-outer-sweep"))
     ap.add_argument("--max-cpu-s", type=float, default=None, help="stop launching runs past this CPU time")
     ap.add_argument("--collect", action="store_true", help="only rebuild the record and plot from --workdir")
+    ap.add_argument("--with-defaults", action="store_true",
+                    help="also run the library's default (outer lr, momentum) at every H (the rule being checked)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per worker per step")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: block size 128)")
+    ap.add_argument("--name", default=NAME, help="record name: results/NAME.json and NAME.png")
     args = ap.parse_args()
+    SHAPE.update(batch_size=args.batch_size, seq_len=args.seq_len)
+    if args.batch_size != 16:
+        BATCH.extend(["--batch-size", str(args.batch_size)])
+    if args.seq_len is not None:
+        BATCH.extend(["--seq-len", str(args.seq_len)])
 
     hs, seeds = _ints(args.h), _ints(args.seeds)
     if args.cells:
         cells = _cells(args.cells)
     else:
         cells = [(h, lr, mu) for h in hs for lr in _floats(args.lrs) for mu in _floats(args.momenta)]
+    if args.with_defaults:
+        for h in hs:
+            cell = (h, default_outer_lr(h), default_outer_momentum(h))
+            if not any(c[0] == h and math.isclose(c[1], cell[1]) and math.isclose(c[2], cell[2]) for c in cells):
+                cells.append(cell)
     jobs = []
     for seed in seeds:
         if not args.no_reference:
@@ -267,8 +332,15 @@ def main() -> None:
 
     runs = collect(args.workdir, args.steps)
     table = cells_table(runs)
+    rules = rule_check(runs, {
+        "library default: lr 1 - mu/3, mu max(0, 1 - 50/H) capped at 0.9":
+            lambda h: (default_outer_lr(h), default_outer_momentum(h)),
+        "previous default: lr 0.7, mu max(0, 1 - 50/H)": lambda h: (0.7, default_outer_momentum(h)),
+        **{f"constant lr {lr:g}, mu {mu:g}": (lambda h, lr=lr, mu=mu: (lr, mu))
+           for lr, mu in sorted({(r["outer_lr"], r["outer_momentum"]) for r in runs if r["method"] == "diloco"})},
+    })
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    plot(table, args.steps, RESULTS_DIR / f"{NAME}.png")
+    plot(table, args.steps, RESULTS_DIR / f"{args.name}.png")
     record = {
         "config": {
             "command": "desloc train --method diloco --kx H --outer-lr LR --outer-momentum MU "
@@ -286,12 +358,16 @@ def main() -> None:
         "runs": runs,
         "cells": table,
         "table_md": markdown(table),
+        "rule_check": rules,
         "total_cpu_s_of_recorded_runs": sum(r["cpu_s"] or 0 for r in runs),
         "prior_measurements_384_steps": PRIOR_384_SEED0,
     }
-    path = write_record(NAME, record)
+    path = write_record(args.name, record)
     print(markdown(table))
-    print(f"wrote {path} and {RESULTS_DIR / (NAME + '.png')}")
+    for name, rc in rules.items():
+        print(f"{name}: within 1% of the best in {rc['within_1pct']}/{rc['measured']} measured (H, seed) pairs "
+              f"of {rc['pairs']}; worst {rc['max_pct_vs_best']}")
+    print(f"wrote {path} and {RESULTS_DIR / (args.name + '.png')}")
 
 
 if __name__ == "__main__":

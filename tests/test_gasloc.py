@@ -111,7 +111,7 @@ def naive_gasloc(gs, topology, H, lr, eta, mu, steps, local_steps=None, seed=0):
 def test_matches_naive_reference(topology, local_steps):
     gs = grads(15, seed=4)
     cfg = MethodConfig("gasloc", period_x=3, topology=topology, local_steps=local_steps, gossip_seed=2,
-                       outer_momentum=0.9)
+                       outer_lr=0.7, outer_momentum=0.9)
     x, _ = run(cfg, steps=15, inner="sgdm", gs=gs, lr=0.1)
     ref = naive_gasloc(gs, topology, 3, 0.1, 0.7, 0.9, 15, local_steps, seed=2)
     torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-12)

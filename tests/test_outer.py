@@ -58,14 +58,16 @@ def naive_diloco(H, steps, inner_lr, outer_lr, mu, gs):
 
 def test_diloco_matches_naive_reference():
     gs = grads(20, seed=3)
-    x, _ = run(MethodConfig("diloco", period_x=4, outer_momentum=0.9), inner="sgdm", steps=20, lr=0.1, gs=gs)
+    x, _ = run(MethodConfig("diloco", period_x=4, outer_lr=0.7, outer_momentum=0.9), inner="sgdm", steps=20, lr=0.1,
+               gs=gs)
     ref = naive_diloco(4, 20, 0.1, 0.7, 0.9, gs)
     torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_desloc_nesterov_changes_params_not_bytes():
     plain_x, plain = run(MethodConfig("desloc", period_x=2, period_u=4, period_v=8), steps=16)
-    nest_x, nest = run(MethodConfig("desloc", period_x=2, period_u=4, period_v=8, outer="nesterov"), steps=16)
+    nest_x, nest = run(MethodConfig("desloc", period_x=2, period_u=4, period_v=8, outer="nesterov", outer_lr=0.7,
+                                    outer_momentum=0.5), steps=16)  # at H = 2 the defaults are plain averaging
     assert nest.comm.ledger.bytes_by_tag == plain.comm.ledger.bytes_by_tag
     assert not torch.allclose(plain_x, nest_x)
 
@@ -107,3 +109,22 @@ def test_default_outer_momentum_follows_the_round_length():
     assert MethodConfig("diloco", period_x=8).outer_momentum == 0.0
     assert MethodConfig("diloco", period_x=500).outer_momentum == 0.9
     assert MethodConfig("diloco", period_x=8, outer_momentum=0.9).outer_momentum == 0.9
+
+
+def test_default_outer_lr_moves_with_the_momentum():
+    """lr = 1 - mu/3: plain averaging (lr 1, mu 0) for H <= 50, DiLoCo's (0.7, 0.9) from H = 500."""
+    from desloc.algorithms.outer import default_outer_lr
+
+    assert [default_outer_lr(h) for h in (4, 8, 50, 64, 100, 500, 5000)] == [1.0, 1.0, 1.0, 0.927083, 0.833333, 0.7, 0.7]
+    assert MethodConfig("diloco", period_x=8).outer_lr == 1.0
+    assert MethodConfig("diloco", period_x=500).outer_lr == 0.7
+    assert MethodConfig("diloco", period_x=500, outer_lr=0.5).outer_lr == 0.5
+
+
+def test_default_outer_step_at_short_rounds_is_plain_averaging():
+    """At H <= 50 the default diloco is keep-states (averaging x, states local) up to float rounding:
+    xbar - 1 * (xbar - E[x]) rounds, so not bitwise."""
+    gs = grads(12, seed=7)
+    x_d, _ = run(MethodConfig("diloco", period_x=4), gs=gs, steps=12)
+    x_k, _ = run(MethodConfig("keep-states", period_x=4), gs=gs, steps=12)
+    torch.testing.assert_close(x_d, x_k, rtol=1e-12, atol=1e-12)

@@ -225,6 +225,34 @@ def test_divergence_stops_with_the_step_and_never_checkpoints_nan(tmp_path, caps
     assert "diverged" in capsys.readouterr().err
 
 
+def test_diverge_factor_stops_at_the_first_logged_loss_rise(tmp_path, capsys):
+    """--diverge-factor F: diverged at the first logged step whose training loss exceeds F x the lowest
+    logged before it (rule re-derived here from metrics.jsonl); a large F changes nothing."""
+    out, factor = tmp_path / "rise", 1.02
+    code = run("--out", str(out), "--diverge-factor", repr(factor), "--steps", "30")
+    err = capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["train_loss"]) for r in rows]
+    first = next((s for i, (s, x) in enumerate(losses) if i and x > factor * min(y for _, y in losses[:i])), None)
+    assert first is not None, f"no logged rise above {factor} x in {losses}; pick a smaller factor"
+    assert code == 3 and "--diverge-factor" in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == first == losses[-1][0]
+    assert "exceeds --diverge-factor 1.02" in summary["reason"]
+
+    base, loose = tmp_path / "base", tmp_path / "loose"
+    assert run("--out", str(base)) == 0 and run("--out", str(loose), "--diverge-factor", "100") == 0
+    read = lambda d: [{k: v for k, v in json.loads(x).items() if k in ("step", "train_loss", "val_loss")}
+                      for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert read(base) == read(loose)
+
+
+@pytest.mark.parametrize("bad", ["1.0", "0.5", "nan"])
+def test_diverge_factor_must_exceed_one(tmp_path, capsys, bad):
+    assert run("--out", str(tmp_path / "r"), "--diverge-factor", bad) == 2
+    assert "diverge_factor" in capsys.readouterr().err
+
+
 def test_records_are_strict_json(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -math.inf}})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}}

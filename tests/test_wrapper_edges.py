@@ -35,20 +35,22 @@ def _cli_config(*argv: str):
     return _train_config(build_parser().parse_args(["train", "--steps", "1000", *argv]))  # K_x <= steps
 
 
-@pytest.mark.parametrize("argv, mu", [
-    (("--method", "diloco", "--kx", "500"), 0.9),
-    (("--method", "diloco", "--kx", "100"), 0.5),
-    (("--method", "diloco", "--kx", "16"), 0.0),
-    (("--method", "desloc", "--outer", "nesterov", "--kx", "200"), 0.75),
-    (("--method", "gasloc", "--kx", "100"), 0.5),
-    (("--method", "diloco", "--kx", "500", "--outer-momentum", "0.3"), 0.3),
+@pytest.mark.parametrize("argv, mu, lr", [
+    (("--method", "diloco", "--kx", "500"), 0.9, 0.7),
+    (("--method", "diloco", "--kx", "100"), 0.5, 0.833333),
+    (("--method", "diloco", "--kx", "16"), 0.0, 1.0),
+    (("--method", "desloc", "--outer", "nesterov", "--kx", "200"), 0.75, 0.75),
+    (("--method", "gasloc", "--kx", "100"), 0.5, 0.833333),
+    (("--method", "diloco", "--kx", "500", "--outer-momentum", "0.3"), 0.3, 0.7),
+    (("--method", "diloco", "--kx", "16", "--outer-lr", "0.7"), 0.0, 0.7),
 ])
-def test_cli_outer_momentum_follows_the_given_kx(argv, mu):
+def test_cli_outer_momentum_and_lr_follow_the_given_kx(argv, mu, lr):
     cfg = _cli_config(*argv)
-    assert cfg.method.outer_momentum == pytest.approx(mu)
-    assert cfg.to_dict()["method"]["outer_momentum"] == pytest.approx(mu)  # what config.json records
+    assert cfg.method.outer_momentum == pytest.approx(mu) and cfg.method.outer_lr == pytest.approx(lr)
+    method = cfg.to_dict()["method"]  # what config.json records
+    assert method["outer_momentum"] == pytest.approx(mu) and method["outer_lr"] == pytest.approx(lr)
     outer = outer_factory(cfg.method)([torch.zeros(1)])
-    assert outer.defaults["momentum"] == pytest.approx(mu)
+    assert outer.defaults["momentum"] == pytest.approx(mu) and outer.defaults["lr"] == pytest.approx(lr)
 
 
 # ------------------------------------------------------------------------------- helpers

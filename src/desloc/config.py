@@ -57,6 +57,7 @@ class TrainConfig:
     join_states: str = "average"  # a joining worker's optimizer states: average | zeros | checkpoint
     bf16: bool = False
     device: str = "auto"
+    diverge_factor: float | None = None  # also diverged when a logged train loss > F x the lowest logged one
     ft: FtConfig | None = None  # --ft: this worker is a torchft replica group (desloc.ft)
     shard: int = 1  # --shard N: a worker is N processes sharding the model with FSDP2 (desloc.runtime.sharded, desloc.comm.fsdp)
     tensorboard: bool = False  # also log every metrics row to RUN/tensorboard (desloc.sinks)
@@ -82,6 +83,12 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"train seed must be an integer >= 0, got {self.seed!r}; e.g. seed=0")
         check_finite("min_lr_ratio", self.min_lr_ratio, "min_lr_ratio=0.1")
+        if self.diverge_factor is not None:
+            check_finite("diverge_factor", self.diverge_factor, "diverge_factor=1.5")
+            if self.diverge_factor <= 1.0:
+                raise ConfigError(f"diverge_factor must be > 1 (a logged training loss above diverge_factor x the "
+                                  f"lowest logged one stops the run), got {self.diverge_factor}; e.g. diverge_factor=1.5, "
+                                  "or leave it unset to stop only on a non-finite loss")
         check_finite("wsd_decay_fraction", self.wsd_decay_fraction, "wsd_decay_fraction=0.2")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -349,7 +356,7 @@ def unresolved_defaults() -> dict[str, Any]:
     """TrainConfig defaults before methods resolve what follows from K_x (so --kx moves K_u, K_v and
     the outer momentum mu(K_x)): those fields go back to ``"auto"``."""
     d = TrainConfig().to_dict()
-    d["method"].update(period_u="auto", period_v="auto", outer_momentum="auto")  # mu(H) follows --kx
+    d["method"].update(period_u="auto", period_v="auto", outer_lr="auto", outer_momentum="auto")  # follow --kx
     d["inner"].update(beta2=None, eps=None)
     d["warmup_steps"] = None
     return d

@@ -377,6 +377,7 @@ class _Run:
     dynamics: StateDynamics | None
     last_ckpt: int
     val_loss: float | None = None
+    best_train: float = math.inf  # the lowest logged training loss of this process (--diverge-factor)
     stop_signal: int | None = None
     sink: MetricsSink = dataclasses.field(default_factory=NullSink)  # --tensorboard / --wandb (desloc.sinks)
 
@@ -482,6 +483,20 @@ def _log(r: _Run, done: int, stats: StepStats, active: list[bool], lr: float, is
         s.run.append_metrics(row)
         r.sink.log(row)  # --tensorboard / --wandb: the same row (metrics.jsonl stays the record)
         _report(s, r.bar, r.show, row, r.start, elapsed - r.elapsed_before, is_eval)
+    check_loss_rise(r, done, row["train_loss"])
+
+
+def check_loss_rise(r: _Run, done: int, loss: float | None) -> None:
+    """--diverge-factor F: the run diverged when a logged training loss exceeds F x the lowest logged
+    so far. ``loss`` is the row's agreed mean over the workers, so every process decides the same.
+    The row is already in metrics.jsonl, so the rise is on record."""
+    factor = r.s.cfg.diverge_factor
+    if factor is None or loss is None:
+        return
+    if loss > factor * r.best_train:
+        diverged(r.s, done, f"the training loss {loss:.4g} exceeds --diverge-factor {factor:g} x its lowest "
+                            f"logged value {r.best_train:.4g}", r.last_ckpt)
+    r.best_train = min(r.best_train, loss)
 
 
 def _synchronize(s: Session) -> None:

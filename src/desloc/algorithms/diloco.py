@@ -8,14 +8,15 @@ Update::
         every worker m:  (x^m, s^m) = OPT.step(x^m, s^m, clip(grad F(x^m; xi^m), rho), lr_t)
         if (t+1) % H == 0:
             Delta = xbar - E_m[x^m]                  (one model-sized all-reduce, tag "params")
-            xbar  = OUTER.step(xbar, Delta)          (SGD lr 0.7, Nesterov momentum mu(H))
+            xbar  = OUTER.step(xbar, Delta)          (SGD lr eta(H), Nesterov momentum mu(H))
             x^m   = xbar                             for all m
 
 The inner optimizer's states s^m are never communicated (K_u = K_v = infinity). Symbols ->
 arguments: H -> ``period``, eta and mu (outer lr and momentum) -> ``outer`` (default
-:func:`~desloc.algorithms.outer.nesterov_sgd` with lr 0.7 and mu =
-:func:`~desloc.algorithms.outer.default_outer_momentum` (H): DiLoCo's 0.9 at H >= 500, less for
-shorter rounds, 0 for H <= 50), rho -> ``clip_rho``.
+:func:`~desloc.algorithms.outer.nesterov_sgd` with eta =
+:func:`~desloc.algorithms.outer.default_outer_lr` (H) and mu =
+:func:`~desloc.algorithms.outer.default_outer_momentum` (H): DiLoCo's 0.7 and 0.9 at H >= 500,
+lr 1 and momentum 0 -- plain averaging -- for H <= 50), rho -> ``clip_rho``.
 
 Communication per step: 1/H model-sized tensors. It is DES-LOC with no state syncs and an outer
 optimizer (:class:`~desloc.algorithms.desloc.DesLoc`, :mod:`desloc.algorithms.outer`), and
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from desloc.algorithms.desloc import DesLoc
-from desloc.algorithms.outer import OuterFactory, default_outer_momentum, nesterov_sgd
+from desloc.algorithms.outer import OuterFactory, default_outer_lr, default_outer_momentum, nesterov_sgd
 from desloc.algorithms.spec import MethodSpec, fast_sync_kwargs, outer_factory
 from desloc.comm.base import Communicator
 
@@ -52,7 +53,7 @@ class DiLoCo(DesLoc):
         """``sync_options``: DesLoc's ``param_delay``, ``overlap``, ``zero_copy``."""
         super().__init__(inner, comm, period, {name: None for name in state_names}, clip_rho=clip_rho,
                          assume_elementwise=assume_elementwise,
-                         outer=outer or nesterov_sgd(momentum=default_outer_momentum(period)), **sync_options)
+                         outer=outer or nesterov_sgd(default_outer_lr(period), default_outer_momentum(period)), **sync_options)
 
 
 def _build(cfg, inner, comm, roles, kwargs) -> DiLoCo:

@@ -24,7 +24,8 @@ xbar_i equals DiLoCo's xbar (tests/test_gasloc.py checks it to float rounding). 
 (topology none) the workers train independently.
 
 Symbols -> arguments: H -> ``period``; H_i -> ``local_steps[i]``; eta, mu -> ``outer_lr``,
-``outer_momentum`` (None: :func:`~desloc.algorithms.outer.default_outer_momentum` (H)); W -> ``topology`` (+ ``seed`` for the random ones).
+``outer_momentum`` (None: :func:`~desloc.algorithms.outer.default_outer_lr` (H) and
+:func:`~desloc.algorithms.outer.default_outer_momentum` (H)); W -> ``topology`` (+ ``seed`` for the random ones).
 Communication per round and worker: deg_i model-sized tensors (one-peer: 1, two-peer and ring:
 2, complete: one all-reduce), counted per link in ``ledger.bytes_by_link``.
 Idle steps cost nothing: the training loop runs no forward or backward for a worker that sits
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 
 from desloc.algorithms.base import SyncedOptimizer
-from desloc.algorithms.outer import OuterStep, default_outer_momentum, nesterov_sgd
+from desloc.algorithms.outer import OuterStep, default_outer_lr, default_outer_momentum, nesterov_sgd
 from desloc.algorithms.schedule import SyncSchedule
 from desloc.algorithms.spec import MethodSpec
 from desloc.comm.base import Communicator
@@ -67,7 +68,7 @@ class GasLoc(SyncedOptimizer):
         comm: Communicator,
         period: int,
         topology: str = "one-peer",
-        outer_lr: float = 0.7,
+        outer_lr: float | None = None,
         outer_momentum: float | None = None,
         nesterov: bool = True,
         local_steps: Sequence[int] | None = None,
@@ -97,6 +98,8 @@ class GasLoc(SyncedOptimizer):
         self.period, self.topology, self.seed = period, topology, seed
         self.schedule = SyncSchedule({"params": period})
         self.local_steps = local_steps
+        if outer_lr is None:
+            outer_lr = default_outer_lr(period)
         if outer_momentum is None:
             outer_momentum = default_outer_momentum(period)
         self.outer = OuterStep(self.params, nesterov_sgd(outer_lr, outer_momentum, nesterov))

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from desloc.algorithms.outer import default_outer_momentum
+from desloc.algorithms.outer import default_outer_lr, default_outer_momentum
 from desloc.algorithms.schedule import SyncSchedule
 from desloc.errors import ConfigError, check_finite, check_period
 from desloc.optim.roles import StateRole
@@ -231,9 +231,10 @@ class MethodConfig:
     outer: outer optimizer on the pseudo-gradient at each parameter sync: "nesterov" (SGD with
         Nesterov momentum), "sgd" (plain momentum) or None (plain averaging). diloco defaults to
         "nesterov"; desloc and local-adam accept it too (the paper's "DES-LOC + Nesterov").
-    outer_lr, outer_momentum: the outer SGD's learning rate (DiLoCo: 0.7) and momentum; "auto"
-        (default) = :func:`~desloc.algorithms.outer.default_outer_momentum` of period_x (0 for
-        H <= 50 up to DiLoCo's 0.9 from H = 500).
+    outer_lr, outer_momentum: the outer SGD's learning rate and momentum; "auto" (default) =
+        :func:`~desloc.algorithms.outer.default_outer_lr` and
+        :func:`~desloc.algorithms.outer.default_outer_momentum` of period_x (lr 1, momentum 0 --
+        plain averaging -- for H <= 50, up to DiLoCo's lr 0.7, momentum 0.9 from H = 500).
     topology: gasloc's gossip graph: one-peer | two-peer | ring | complete | none.
     local_steps: gasloc's per-worker local-step counts H_i (<= period_x = H); None = all H;
         "auto" = from the time model (:func:`desloc.timing.auto_local_steps`).
@@ -265,7 +266,7 @@ class MethodConfig:
     period_v: int | None | str = "auto"
     clip_rho: float | None = None
     outer: str | None = None
-    outer_lr: float = 0.7
+    outer_lr: float | str = "auto"
     outer_momentum: float | str = "auto"
     topology: str = "one-peer"
     local_steps: list[int] | str | None = None
@@ -297,6 +298,8 @@ class MethodConfig:
                 check_period(f"{field} (K_{field[-1]})", getattr(self, field), allow_none=True)
         if self.clip_rho is not None:
             check_finite("clip_rho", self.clip_rho, "clip_rho=1.0, or None (off)")
+        if self.outer_lr == AUTO:
+            self.outer_lr = default_outer_lr(self.period_x)
         check_finite("outer_lr", self.outer_lr, "outer_lr=0.7 (DiLoCo)")
         if self.outer_momentum == AUTO:
             self.outer_momentum = default_outer_momentum(self.period_x)

@@ -70,8 +70,10 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--kv",), dict(type=_period, help="K_v for desloc (default 6*K_x; 'none' = never)"), ("method", "period_v")),
     (("--clip-rho",), dict(type=float, help="coordinate-wise gradient clip bound"), ("method", "clip_rho")),
     (("--outer",), dict(help="outer optimizer on the pseudo-gradient: nesterov | sgd (diloco: nesterov)"), ("method", "outer")),
-    (("--outer-lr",), dict(type=float, help="outer learning rate (DiLoCo 0.7)"), ("method", "outer_lr")),
-    (("--outer-momentum",), dict(type=float, help="outer momentum (DiLoCo 0.9)"), ("method", "outer_momentum")),
+    (("--outer-lr",), dict(type=float, help="outer learning rate (default from the round length H = --kx: 1 - mu/3, i.e. "
+                                                    "1 for H <= 50, DiLoCo's 0.7 from H = 500)"), ("method", "outer_lr")),
+    (("--outer-momentum",), dict(type=float, help="outer momentum (default from H = --kx: max(0, 1 - 50/H) capped at DiLoCo's "
+                                                          "0.9)"), ("method", "outer_momentum")),
     (("--topology",), dict(help="gasloc gossip graph: one-peer | two-peer | ring | complete | none"), ("method", "topology")),
     (("--local-steps",), dict(type=_local_steps, help="gasloc per-worker local steps H_i, e.g. 32,32,32,8, or "
                                                         "auto (from the time model)"), ("method", "local_steps")),
@@ -130,6 +132,9 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--log-every",), dict(type=int), ("log_every",)),
     (("--ckpt-every",), dict(type=int), ("ckpt_every",)),
     (("--seed",), dict(type=int), ("seed",)),
+    (("--diverge-factor",), dict(type=float, metavar="F", help="also stop as diverged (exit 3, summary status "
+                                 "'diverged') when a logged training loss exceeds F x the lowest one logged so far, "
+                                 "e.g. 1.5 (default: only a non-finite loss or state stops a run)"), ("diverge_factor",)),
     (("--backend",), dict(help="auto (torchrun -> gloo/nccl, else sim) | sim | gloo | nccl"), ("backend",)),
     (("--device",), dict(help="auto | cpu | cuda"), ("device",)),
     (("--network",), dict(help="network of the time model: datacenter | ethernet | cross-region | home | free, "
