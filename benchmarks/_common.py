@@ -143,6 +143,19 @@ def compare(a: list[float], b: list[float], seed: int, n_boot: int = 2000) -> di
     }
 
 
+# -------------------------------------------------------------------------------------- plots
+def save_plot(fig: Any, ax: Any, path: Path, legend: bool = True) -> None:
+    """The benchmarks' plot finish: light grid, small legend, tight layout, 120 dpi, figure closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------ record
 def write_record(name: str, record: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 Every run is an ordinary ``desloc train`` in the simulator: the tiny GPT (0.67 M parameters, KJV,
 BPE 2048), M = 4 workers, batch 8 x 64 tokens per worker, cosine schedule with warmup
 min(100, steps // 10), AdamW weight decay 0.1 (MT-DAO: its Adam flavour, ``--inner mtdao-adam``,
-same decoupled weight decay). Local methods sync every K = 32 steps (local-adam: x, m, v every 32;
-mtdao: x every 32, both momenta every 96, v every 192 -- the defaults K_u = 3 K_x, K_v = 6 K_x).
+same decoupled weight decay). Local methods sync every K = 32 steps: local-adam x, m, v every 32;
+mtdao x, both momenta and v every 32 (the mtdao method's default: every period = K_x), so mtdao
+sends 4/32 of a model per step against local-adam's 3/32. Its per-momentum periods
+(``--momentum-periods``) were not swept.
 
 1. Tuning, seed 0, ``--tune-steps`` steps (default 384), the same budget of 5 runs per method:
    - ddp and local-adam: peak lr in {1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2};
@@ -15,7 +17,7 @@ mtdao: x every 32, both momenta every 96, v every 192 -- the defaults K_u = 3 K_
 2. Final: each method's tuned setting, seeds 0, 1, 2, ``--steps`` steps (default 1000), evaluated
    every ``--eval-every`` steps (8 validation batches). Reported: final validation loss (mean, std,
    per seed), the gap to DDP (per seed and of the means), and the steps each method needs to reach a
-   target loss (DDP's and Local Adam's mean final loss), interpolated between evaluations.
+   target loss (each method's mean final loss in turn), interpolated between evaluations.
 
 Record: benchmarks/results/mtdao_tuned.json (every run's args, losses, curve, cost) and
 mtdao_tuned.png (validation curves, mean over seeds, one line per method).
@@ -35,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, write_record  # noqa: E402
+from _common import RESULTS_DIR, save_plot, write_record  # noqa: E402
 from _sweep import read_run, run_all, steps_to, val_curve  # noqa: E402
 
 NAME = "mtdao_tuned"
@@ -132,7 +134,7 @@ def analyse(runs: dict[str, list[dict]]) -> dict:
     for m, rs in runs.items():
         per[m]["gap_to_ddp_pct_per_seed"] = [100 * (r["final_val_loss"] / ddp[r["seed"]] - 1) for r in rs]
         per[m]["gap_to_ddp_pct_of_means"] = 100 * (per[m]["mean"] / per["ddp"]["mean"] - 1)
-    targets = {"ddp_final_mean": per["ddp"]["mean"], "local_adam_final_mean": per["local-adam"]["mean"]}
+    targets = {f"{m}_final_mean": per[m]["mean"] for m in runs}  # each method's end point, as a target for all
     steps_to_target = {
         t: {m: {"mean_curve": steps_to(per[m]["mean_curve"], v),
                 "per_seed": [steps_to(r["val_curve"], v) for r in runs[m]]} for m in runs}
@@ -154,11 +156,7 @@ def plot(per: dict, steps: int, path: Path) -> None:
     ax.set_ylabel("validation loss (mean over seeds)")
     ax.set_ylim(top=min(6.5, max(y for p in per.values() for _, y in p["mean_curve"])))
     ax.set_title(f"tiny GPT, M = 4, each method at its tuned setting, {steps} steps", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, write_record
+from _common import RESULTS_DIR, save_plot, write_record
 
 from desloc.algorithms.outer import default_outer_lr, default_outer_momentum
 
@@ -249,7 +249,40 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_vs_h(table: list[dict], steps: int, path: Path) -> None:
+    """Many H: final val loss against H (log), one line per (outer lr, mu) measured at >= 3 H, the
+    library default's own setting at each H as black stars, local-adam dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    cells = sorted({(c["outer_lr"], c["outer_momentum"]) for c in table if c["method"] == "diloco"})
+    for lr, mu in cells:
+        pts = sorted((c["H"], c["mean"]) for c in table if c["method"] == "diloco" and c["mean"] is not None
+                     and c["outer_lr"] == lr and c["outer_momentum"] == mu)
+        if len(pts) >= 3:
+            ax.plot(*zip(*pts), marker="o", label=f"diloco, outer lr {lr:g}, mu {mu:g}")
+    rule = [(c["H"], c["mean"]) for c in table if c["method"] == "diloco" and c["mean"] is not None
+            and math.isclose(c["outer_lr"], default_outer_lr(c["H"]))
+            and math.isclose(c["outer_momentum"], default_outer_momentum(c["H"]), abs_tol=1e-9)]
+    if rule:
+        ax.plot(*zip(*sorted(rule)), "k*", ms=13, ls="none", label="default rule: lr 1 - mu/3, mu max(0, 1 - 50/H)")
+    la = sorted((c["H"], c["mean"]) for c in table if c["method"] == "local-adam" and c["mean"] is not None)
+    if la:
+        ax.plot(*zip(*la), "k--", lw=1, label="local-adam (K = H)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({c["H"] for c in table}), [str(h) for h in sorted({c["H"] for c in table})])
+    ax.set_xlabel("H (inner steps per round)")
+    ax.set_ylabel(f"final validation loss after {steps} steps (mean of seeds)")
+    ax.set_title("tiny GPT, M = 4: DiLoCo's outer lr and momentum against H", fontsize=10)
+    save_plot(fig, ax, path)
+
+
 def plot(table: list[dict], steps: int, path: Path) -> None:
+    if len({c["H"] for c in table}) > 2:
+        return plot_vs_h(table, steps, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,11 +309,7 @@ def plot(table: list[dict], steps: int, path: Path) -> None:
     ax.set_ylabel(f"final validation loss after {steps} steps")
     ax.set_title("tiny GPT, M = 4: DiLoCo outer optimizer vs H\n"
                  "(mean over the seeds each cell has; error bars: std where >1 seed)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def main() -> None:

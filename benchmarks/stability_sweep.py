@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, write_record  # noqa: E402
+from _common import RESULTS_DIR, save_plot, write_record  # noqa: E402
 from _sweep import finished, read_run, run_one  # noqa: E402
 
 NAME = "stability_sweep"
@@ -147,10 +147,7 @@ def plot(table: dict, path: Path) -> None:
     ax.set_xlabel("largest stable peak lr (o: per seed; |: at every seed; x: the lowest lr diverged)")
     ax.set_title(f"tiny GPT, M = 4, K_x = {KX}: divergence = loss > {FACTOR} x lowest logged, or non-finite",
                  fontsize=9)
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, legend=False)
 
 
 def main() -> None:
