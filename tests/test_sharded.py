@@ -209,7 +209,10 @@ def test_shard_must_divide_the_world(tmp_path):
     assert proc.returncode != 0  # torchrun's own code: every rank exited 2, with the one-line error
     assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert "world size 3" in proc.stderr and "not divisible by 2" in proc.stderr
-    assert proc.stderr.count("desloc: error: --shard 2") == 3  # each rank, one line, no desloc traceback
+    # Every rank that reports says it in one line, with no desloc traceback. Not necessarily all 3: once one
+    # rank has exited, torchrun's agent stops the others, and under load a slow rank is stopped before it
+    # prints (seen in CI with 2 of 3).
+    assert 1 <= proc.stderr.count("desloc: error: --shard 2") <= 3, proc.stderr[-3000:]
     assert "/desloc/" not in proc.stderr
 
 
